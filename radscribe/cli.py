@@ -1,0 +1,115 @@
+"""The `radscribe` command: parsing only. Each subcommand parses its flags and calls one stage function.
+
+Run as: radscribe {synth,prepare,tiny-model,train,eval,score,audit,report,chat,serve,export,demo} --help
+
+Stage modules are imported inside each handler so `radscribe --help` and the data commands start fast
+(importing transformers' model classes alone takes 8-10 s on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from radscribe.errors import RadscribeError
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="a preset name (see radscribe/presets) or a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
+
+
+# --- synth (issue: prepare) -------------------------------------------------------------------------------
+def cmd_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write MedTrinity-shaped parquet shards of phantom images with reports")
+    p.set_defaults(handler=lambda a: _todo("synth"))
+
+
+# --- prepare (issues: prepare, DICOM) ---------------------------------------------------------------------
+def cmd_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="image/report data -> ShareGPT multimodal dataset (LLaMA-Factory-readable)")
+    p.set_defaults(handler=lambda a: _todo("prepare"))
+
+
+# --- tiny-model / train (issue: train) -------------------------------------------------------------------
+def cmd_tiny_model(sub) -> None:
+    p = sub.add_parser("tiny-model", help="write a tiny randomly initialised Qwen-VL model folder (offline)")
+    p.set_defaults(handler=lambda a: _todo("tiny-model"))
+
+
+def cmd_train(sub) -> None:
+    p = sub.add_parser("train", help="LoRA / QLoRA fine-tuning of a local Qwen-VL model on a prepared dataset")
+    p.set_defaults(handler=lambda a: _todo("train"))
+
+
+# --- eval / score / audit / report (issue: eval) -----------------------------------------------------------
+def cmd_eval(sub) -> None:
+    p = sub.add_parser("eval", help="batched generation on a split; BLEU-4/ROUGE as LLaMA-Factory + clinical checks")
+    p.set_defaults(handler=lambda a: _todo("eval"))
+
+
+def cmd_score(sub) -> None:
+    p = sub.add_parser("score", help="score an existing generated_predictions.jsonl")
+    p.set_defaults(handler=lambda a: _todo("score"))
+
+
+def cmd_audit(sub) -> None:
+    p = sub.add_parser("audit", help="leakage audit of a prepared dataset across train/val")
+    p.set_defaults(handler=lambda a: _todo("audit"))
+
+
+def cmd_report(sub) -> None:
+    p = sub.add_parser("report", help="self-contained HTML + Markdown report of one or more runs")
+    p.set_defaults(handler=lambda a: _todo("report"))
+
+
+# --- chat / serve / export (issue: serve) ------------------------------------------------------------------
+def cmd_chat(sub) -> None:
+    p = sub.add_parser("chat", help="stream a report for an image (or DICOM) in the terminal")
+    p.set_defaults(handler=lambda a: _todo("chat"))
+
+
+def cmd_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API and web page")
+    p.set_defaults(handler=lambda a: _todo("serve"))
+
+
+def cmd_export(sub) -> None:
+    p = sub.add_parser("export", help="merge the adapter into a standalone model folder (vLLM, 4-bit)")
+    p.set_defaults(handler=lambda a: _todo("export"))
+
+
+# --- demo (issue: demo) -----------------------------------------------------------------------------------
+def cmd_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default: synth -> prepare -> train -> eval -> report")
+    p.set_defaults(handler=lambda a: _todo("demo"))
+
+
+def _todo(name: str) -> None:
+    raise RadscribeError(f"`radscribe {name}` is not built yet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radscribe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (cmd_synth, cmd_prepare, cmd_tiny_model, cmd_train, cmd_eval, cmd_score, cmd_audit, cmd_report,
+                cmd_chat, cmd_serve, cmd_export, cmd_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except RadscribeError as err:
+        print(f"radscribe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"radscribe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
