@@ -34,7 +34,29 @@ def cmd_prepare(sub) -> None:
 # --- tiny-model / train (issue: train) -------------------------------------------------------------------
 def cmd_tiny_model(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny randomly initialised Qwen-VL model folder (offline)")
-    p.set_defaults(handler=lambda a: _todo("tiny-model"))
+    p.add_argument("out", metavar="OUT", help="folder to write (created; existing files are overwritten)")
+    p.add_argument("--arch", default="qwen3_vl", choices=["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"])
+    p.add_argument("--seed", type=int, default=0, help="weights seed; same arguments -> same files")
+    p.add_argument("--text-hidden", type=int, default=64, help="language model hidden size (multiple of 16)")
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--vision-hidden", type=int, default=32, help="vision tower hidden size (multiple of 16)")
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--experts", type=int, default=4, help="MoE only: experts per layer")
+    p.add_argument("--experts-per-token", type=int, default=2, help="MoE only: top-k")
+    p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary target (stops early on small corpora)")
+    p.add_argument("--corpus-dataset", default=None, metavar="DIR",
+                   help="train the tokenizer on this prepared dataset's prompts and reports (default: built-in)")
+
+    def run(a):
+        from radscribe.model.tiny import build_tiny_model, dataset_corpus
+
+        corpus = dataset_corpus(a.corpus_dataset) if a.corpus_dataset else None
+        out = build_tiny_model(a.arch, a.out, a.seed, text_hidden=a.text_hidden, text_layers=a.text_layers,
+                               vision_hidden=a.vision_hidden, vision_depth=a.vision_depth, experts=a.experts,
+                               experts_per_token=a.experts_per_token, corpus=corpus, vocab_size=a.vocab_size)
+        print(out)
+
+    p.set_defaults(handler=run)
 
 
 def cmd_train(sub) -> None:

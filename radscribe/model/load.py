@@ -1,0 +1,195 @@
+"""The one model loader: base model + processor (+ PEFT adapter) from a local folder.
+
+Used by train, eval, serve and export; nothing else calls `from_pretrained` on a model. `model_dir` is a folder
+exactly as downloaded (Qwen3-VL, Qwen3-VL-MoE, Qwen2.5-VL) or written by `radscribe tiny-model`.
+
+    from radscribe.model.load import load_model, load_processor, resolve_adapter
+    model, processor = load_model("Qwen3-VL-4B-Instruct")                       # inference, eval mode
+    model, processor = load_model(base, adapter="runs/r1")                      # RUN or RUN/adapter
+    model, processor = load_model(base, quantization="4bit", trainable=True)    # QLoRA base, ready for LoRA
+
+Training a new adapter: `load_model(base, trainable=True)` then `peft.get_peft_model(model,
+radscribe.model.lora.build_lora_config(model, ...))`; continuing one: `load_model(base, adapter=RUN, trainable=True)`.
+Full-parameter training: `load_model(base, dtype="fp32", trainable=True)` and train `model` itself.
+Left padding for batched generation is the engine's job; the tokenizer here always has a pad token.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+from radscribe.errors import RadscribeError
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.json", "tokenizer_config.json")
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """The model folder as a Path, or a RadscribeError saying what is missing."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise RadscribeError(f"model folder {path} does not exist (download the model, or build one with "
+                             "`radscribe tiny-model --arch qwen3_vl DIR`)")
+    if not (path / "config.json").is_file():
+        raise RadscribeError(f"{path} is not a model folder: it has no config.json")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise RadscribeError(f"{path} is not a model folder: it has no *.safetensors weights")
+    return path
+
+
+def resolve_adapter(run_or_adapter_dir: str | Path) -> Path:
+    """A run folder (RUN) or its adapter folder (RUN/adapter) -> the folder holding adapter_config.json."""
+    path = Path(run_or_adapter_dir).expanduser()
+    if not path.exists():
+        raise RadscribeError(f"adapter {path} does not exist (pass a run folder or its adapter/ folder)")
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise RadscribeError(f"{path} holds no adapter_config.json (nor does {path / 'adapter'}); "
+                         "pass a `radscribe train` run folder or a PEFT adapter folder")
+
+
+def processor_class_without_video(processor_class):
+    """`processor_class` (Qwen3VLProcessor, Qwen2_5_VLProcessor) minus its video processor.
+
+    transformers' Qwen video processors need torchvision, and PyPI's torchvision wheels do not import beside a
+    CPU-only torch (FIELD_NOTES), so AutoProcessor fails on such machines. ProcessorMixin derives its
+    sub-processors from `__init__`'s signature: a subclass whose `__init__` has no `video_processor` loads,
+    saves and round-trips images and text unchanged. The class keeps the upstream name, so the folder it saves
+    says `Qwen3VLProcessor` and loads with AutoProcessor where torchvision exists.
+    """
+    return _without_video(processor_class)
+
+
+@functools.cache
+def _without_video(processor_class):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__,
+                                                              "__module__": processor_class.__module__})
+
+
+def _torchvision_available() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401  (a CUDA-only wheel beside CPU torch fails at import)
+    except Exception:
+        return False
+    return True
+
+
+def _processor_class_name(path: Path) -> str:
+    for name in _PROCESSOR_FILES:
+        f = path / name
+        if f.is_file():
+            value = json.loads(f.read_text(encoding="utf-8")).get("processor_class")
+            if value:
+                return value
+    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    return "Qwen2_5_VLProcessor" if model_type.startswith("qwen2_5_vl") else "Qwen3VLProcessor"
+
+
+def load_processor(model_dir: str | Path):
+    """The model's processor (tokenizer + image processor + chat template), with or without torchvision."""
+    import transformers
+
+    path = check_model_dir(model_dir)
+    if _torchvision_available():
+        processor = transformers.AutoProcessor.from_pretrained(path)
+    else:
+        name = _processor_class_name(path)
+        upstream = getattr(transformers, name, None)
+        if upstream is None:
+            raise RadscribeError(f"{path}: processor_class {name!r} is not known to transformers "
+                                 f"{transformers.__version__}; upgrade transformers")
+        processor = processor_class_without_video(upstream).from_pretrained(path)
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        # Qwen's released tokenizers pad with <|endoftext|>; batching needs some pad token.
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return processor
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise RadscribeError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def quantization_config(quantization: str | None, compute_dtype=None):
+    """bitsandbytes settings for `quantization` ("4bit" = nf4, double quant, as QLoRA), or None."""
+    if quantization is None:
+        return None
+    if quantization != "4bit":
+        raise RadscribeError(f"quantization {quantization!r} is not supported; use 4bit or leave it unset")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RadscribeError("quantization: 4bit needs bitsandbytes: pip install 'radscribe[qlora]'")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    # Vision tower and lm_head stay unquantised, as in QLoRA recipes for VLMs: the tower is small and quantising
+    # it hurts image features most. bitsandbytes cannot quantise the 3-D MoE expert parameters in any case.
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+        llm_int8_skip_modules=["lm_head", "visual", "vision_tower"],
+    )
+
+
+def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
+               quantization: str | None = None, device: str | None = None, trainable: bool = False):
+    """Load (model, processor) from a local folder; attach the PEFT adapter at `adapter` (RUN or RUN/adapter).
+
+    dtype: "auto" keeps the checkpoint's dtype (bf16 for released models, fp32 for tiny ones).
+    quantization: None or "4bit" (bitsandbytes nf4; CPU and GPU). device: "cpu", "cuda", "cuda:1"…; None =
+    cuda when available, else cpu. trainable: False returns the model in eval mode with gradients off;
+    True returns it in train mode, prepared for k-bit training when quantised, with an adapter left trainable.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    path = check_model_dir(model_dir)
+    adapter_dir = resolve_adapter(adapter) if adapter is not None else None
+    torch_dtype = _torch_dtype(dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    compute_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
+    if quantization and compute_dtype is None:
+        compute_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    bnb = quantization_config(quantization, compute_dtype)
+    processor = load_processor(path)
+    kwargs = {"dtype": torch_dtype}
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = {"": device}
+        if torch_dtype == "auto":
+            kwargs["dtype"] = compute_dtype
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0]})")
+    if bnb is None:
+        model.to(device)
+    if trainable and bnb is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and enables input grads so LoRA on a frozen 4-bit base backpropagates;
+        # gradient checkpointing is the trainer's choice, not the loader's.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    if trainable:
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model, processor
