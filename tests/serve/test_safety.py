@@ -1,0 +1,130 @@
+"""image_url parsing and the allow-lists, without a server (the API tests hit the same code over HTTP)."""
+
+import base64
+import io
+import socket
+
+import pytest
+from PIL import Image
+
+from radscribe.serve.safety import (ImagePolicy, RequestRejected, check_pixels, image_bytes, is_public_address,
+                                    resolve_public)
+
+
+def png_bytes(size=(8, 6)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def uri(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def test_data_uri_round_trips_bytes_exactly():
+    data = png_bytes()
+    assert image_bytes(uri(data), ImagePolicy()) == data
+
+
+def test_data_uri_refusals_name_the_problem():
+    policy = ImagePolicy()
+    with pytest.raises(RequestRejected, match="not accepted") as err:
+        image_bytes(uri(png_bytes(), "image/svg+xml"), policy)
+    assert err.value.status == 415
+    with pytest.raises(RequestRejected, match="base64"):
+        image_bytes("data:image/png;base64,@@@not-base64@@@", policy)
+    with pytest.raises(RequestRejected, match="declared image/jpeg but the bytes are png"):
+        image_bytes(uri(png_bytes(), "image/jpeg"), policy)
+    with pytest.raises(RequestRejected, match="not a PNG, JPEG, WebP or DICOM"):
+        image_bytes(uri(b"GIF89a" + b"\0" * 40, "image/png"), policy)
+    with pytest.raises(RequestRejected, match="base64-encoded"):
+        image_bytes("data:image/png,rawbytes", policy)
+
+
+def test_oversized_payload_is_refused_before_decoding():
+    policy = ImagePolicy(max_image_bytes=100)
+    with pytest.raises(RequestRejected) as err:
+        image_bytes(uri(png_bytes((64, 64)) + b"\0" * 200), policy)
+    assert err.value.status == 413
+
+
+def test_pixel_limit_reads_only_the_header():
+    policy = ImagePolicy(max_pixels=100 * 100)
+    assert check_pixels(png_bytes((100, 100)), policy) == (100, 100)
+    with pytest.raises(RequestRejected, match="101x100 is 10100 pixels") as err:
+        check_pixels(png_bytes((101, 100)), policy)
+    assert err.value.status == 413
+
+
+def test_dicom_pixel_limit_from_its_header():
+    from pydicom.data import get_testdata_file
+
+    data = open(get_testdata_file("CT_small.dcm", download=False), "rb").read()
+    assert image_bytes(uri(data, "application/dicom"), ImagePolicy()) == data
+    assert check_pixels(data, ImagePolicy()) == (128, 128)
+    with pytest.raises(RequestRejected, match="128x128"):
+        check_pixels(data, ImagePolicy(max_pixels=64 * 64))
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "/etc/passwd", "../../etc/passwd", "images/x.png"])
+def test_local_files_are_off_by_default(url):
+    with pytest.raises(RequestRejected, match="local file reads are disabled") as err:
+        image_bytes(url, ImagePolicy())
+    assert err.value.status == 403
+
+
+def test_allowed_folder_reads_inside_and_refuses_traversal(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(png_bytes())
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    (allowed / "link.png").symlink_to(tmp_path / "secret.png")
+    policy = ImagePolicy(allow_folder=allowed)
+    assert image_bytes("a.png", policy) == png_bytes()
+    assert image_bytes(f"file://{allowed}/a.png", policy) == png_bytes()
+    for bad in ["../secret.png", f"file://{allowed}/../secret.png", "file:///etc/passwd", "link.png",
+                "%2e%2e/secret.png", f"file://{tmp_path}/secret.png", "file://otherhost/a.png"]:
+        with pytest.raises(RequestRejected) as err:
+            image_bytes(bad, policy)
+        assert err.value.status == 403, bad
+
+
+def test_fetches_are_off_by_default_and_need_the_allow_list():
+    with pytest.raises(RequestRejected, match="fetching image URLs is disabled"):
+        image_bytes("http://example.com/a.png", ImagePolicy())
+    with pytest.raises(RequestRejected, match="not in the allow-list"):
+        image_bytes("https://evil.example/a.png", ImagePolicy(allow_hosts=["example.com"]))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.1", "169.254.169.254", "[::1]",
+                                  "0.0.0.0", "[::ffff:127.0.0.1]", "100.64.0.1"])
+def test_allowed_hosts_that_are_private_or_loopback_are_refused(host):
+    name = host.strip("[]")
+    policy = ImagePolicy(allow_hosts=[name])
+    with pytest.raises(RequestRejected, match="non-public address") as err:
+        image_bytes(f"http://{host}:8000/a.png", policy)
+    assert err.value.status == 403
+
+
+def test_every_resolved_address_must_be_public(monkeypatch):
+    # A name with one public and one private answer (DNS rebinding setups) is refused as a whole.
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 80)),
+               (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", 80))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
+    with pytest.raises(RequestRejected, match="10.0.0.5"):
+        resolve_public("mixed.example", 80)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers[:1])
+    assert resolve_public("public.example", 80) == "93.184.215.14"
+
+
+def test_public_address_classification():
+    assert is_public_address("93.184.215.14") and is_public_address("2606:4700::1111")
+    for ip in ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "::1", "fe80::1",
+               "fc00::1", "::ffff:10.0.0.1", "224.0.0.1", "0.0.0.0", "100.64.0.1"]:
+        assert not is_public_address(ip), ip
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "gopher://x", "javascript:alert(1)"])
+def test_other_schemes_are_refused(url):
+    with pytest.raises(RequestRejected, match="not supported"):
+        image_bytes(url, ImagePolicy())
