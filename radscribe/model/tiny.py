@@ -8,14 +8,14 @@ the demo load it through `radscribe.model.load` exactly as they would load Qwen3
 written in the released layout (gate_up_proj (E, H, 2I), down_proj (E, I, H)): transformers transposes them on
 load, and DeepSpeed ZeRO-3's load path transposes unconditionally, so the in-memory layout would not load there.
 
-The tokenizer is a byte-level BPE trained with `tokenizers` on report texts (a small built-in corpus, or the
-reports of a prepared dataset), wrapped as `Qwen2Tokenizer` with the Qwen special tokens; the Qwen pre-tokenizer
-regex makes whole Chinese clauses single tokens, so a few hundred merges cover a templated report corpus.
+The tokenizer is a byte-level BPE trained with `tokenizers` on report texts (the Chinese and English reports of
+`radscribe.data.synth` by default, or the prompts and reports of a prepared dataset), wrapped as `Qwen2Tokenizer`
+with the Qwen special tokens; the Qwen pre-tokenizer regex makes whole Chinese clauses single tokens, so a few
+hundred merges cover a templated report corpus.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,32 +80,11 @@ _SPECS = {
                             "You are a helpful assistant."),
 }
 
-# A small bilingual corpus from the shared ground-truth vocabulary (docs/architecture.md), used when no corpus
-# is given: enough for BPE to learn whole report phrases in both languages.
-_ZH = {"modality": ["CT", "磁共振(MRI)", "X线"], "organ": ["脑", "肺", "肝脏", "肾脏"],
-       "location": ["左上", "右上", "左下", "右下", "中央"], "density": ["高密度", "低密度", "高信号", "低信号"],
-       "size": ["小", "大"], "finding": ["结节", "肿块", "囊肿", "出血"]}
-_EN = {"modality": ["CT", "MRI", "X-ray"], "organ": ["brain", "lung", "liver", "kidney"],
-       "location": ["left upper", "right upper", "left lower", "right lower", "central"],
-       "density": ["high", "low"], "size": ["small", "large"], "finding": ["nodule", "mass", "cyst", "hemorrhage"]}
+def builtin_corpus(n: int = 2000) -> list[str]:
+    """The default tokenizer corpus: the prompts plus `n` Chinese and `n` English synthetic reports."""
+    from radscribe.data.synth import synth_reports
 
-
-def builtin_corpus() -> list[str]:
-    """Templated Chinese and English report sentences covering the shared vocabulary, plus the prompts."""
-    texts = list(PROMPTS)
-    for modality, organ, location, finding in itertools.product(_ZH["modality"], _ZH["organ"], _ZH["location"],
-                                                                _ZH["finding"]):
-        for density, size in zip(_ZH["density"], itertools.cycle(_ZH["size"])):
-            texts.append(f"这是一张{organ}部{modality}图像。{location}区域可见一{size}的{density}影,"
-                         f"考虑{finding}。周围结构未见明显异常。")
-        texts.append(f"这是一张{organ}部{modality}图像。未见明显异常。")
-    for modality, organ, location, finding in itertools.product(_EN["modality"], _EN["organ"], _EN["location"],
-                                                                _EN["finding"]):
-        for density, size in itertools.product(_EN["density"], _EN["size"]):
-            texts.append(f"This is a {modality} image of the {organ}. A {size} {density}-density region in the "
-                         f"{location} area is seen, likely a {finding}. Neighbouring structures are unremarkable.")
-        texts.append(f"This is a {modality} image of the {organ}. No abnormality is seen.")
-    return texts
+    return PROMPTS + list(synth_reports(n, lang="zh")) + list(synth_reports(n, lang="en"))
 
 
 def dataset_corpus(dataset_dir: str | Path) -> list[str]:

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from radscribe.cli import main
+from radscribe.data.synth import synth_reports
 from radscribe.errors import RadscribeError
 from radscribe.model.load import load_model
 from radscribe.model.tiny import SPECIAL_TOKENS, build_tiny_model
@@ -90,9 +91,11 @@ def test_image_becomes_its_pad_run_and_reports_are_few_tokens(models):
     assert ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) == 49  # 224² / 16² patches / 2² merge
     # every special token is one id, the report decodes back exactly, and BPE learned whole clauses
     assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in SPECIAL_TOKENS)
-    report = "这是一张脑部CT图像。左上区域可见一小的高密度影,考虑结节。"
-    assert tok.decode(tok.encode(report, add_special_tokens=False)) == report
-    assert len(tok.encode(report, add_special_tokens=False)) <= 10
+    for lang, most in (("zh", 20), ("en", 64)):  # ~120 zh characters, ~45 en words
+        for report in synth_reports(20, seed=7, lang=lang):
+            ids = tok.encode(report, add_special_tokens=False)
+            assert tok.decode(ids) == report
+            assert len(ids) <= most, report
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
 
 
