@@ -77,7 +77,21 @@ def cmd_score(sub) -> None:
 
 def cmd_audit(sub) -> None:
     p = sub.add_parser("audit", help="leakage audit of a prepared dataset across train/val")
-    p.set_defaults(handler=lambda a: _todo("audit"))
+    p.add_argument("dataset", help="prepared dataset folder")
+    p.add_argument("--near-threshold", type=int, default=4, help="pHash Hamming distance counted as near duplicate")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when the leak share exceeds --max-rate")
+    p.add_argument("--max-rate", type=float, default=0.0, help="tolerated share of val rows flagged (0-1)")
+
+    def run(a):
+        from radscribe.evaluate.audit import AuditConfig, audit, check_strict
+
+        cfg = AuditConfig(dataset=a.dataset, near_threshold=a.near_threshold, max_rate=a.max_rate)
+        result = audit(cfg)
+        print(result.table())
+        if a.strict:
+            check_strict(result, cfg)
+
+    p.set_defaults(handler=run)
 
 
 def cmd_report(sub) -> None:

@@ -78,7 +78,17 @@ class Lexicon:
         for m in self.mentions(text):
             if not (m.negated and m.category == "finding"):
                 out[m.category].add(m.term)
+        if out["finding"] - {NORMAL}:
+            # "结节…周围结构未见明显异常": beside a lesion, "normal" describes the surroundings, not the finding.
+            out["finding"].discard(NORMAL)
         return out
+
+    def canonical(self, category: str, value: str) -> str | None:
+        """A truth value as the lexicon's canonical term: `left upper` stays, `左上` becomes `left upper`."""
+        if value in self.terms[category]:
+            return value
+        terms = self.extract(value)[category]
+        return next(iter(terms)) if len(terms) == 1 else None
 
 
 def _alternation(forms) -> re.Pattern:
@@ -111,6 +121,7 @@ def sample_columns(predict: str, label: str, truth: dict | None = None, lexicon:
     for field in CATEGORIES:
         value = (truth or {}).get(field)
         has = isinstance(value, str) and bool(value)
+        value = lexicon.canonical(field, value) if has else None
         row[f"truth_{field}_has"] = float(has)
         # Right means the report names the true value and nothing else of that category.
         row[f"truth_{field}_ok"] = float(has and pred[field] == {value})

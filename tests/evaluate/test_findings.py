@@ -130,3 +130,12 @@ def test_lexicon_file_is_well_formed():
     # YAML 1.1 turns a bare `no` into False: every surface form must stay a string
     forms = [f for c in findings.CATEGORIES for fs in data[c].values() for f in fs] + data["negation"] + data["ignore"]
     assert all(isinstance(f, str) for f in forms)
+
+
+def test_truth_in_chinese_and_normal_surroundings():
+    lex = default_lexicon()
+    assert lex.canonical("location", "左上") == "left upper" and lex.canonical("organ", "脑") == "brain"
+    text = "这是一张脑部CT图像。左上区域可见一小的高密度影,考虑结节。周围结构未见明显异常。"
+    assert lex.extract(text)["finding"] == {"nodule"}
+    truth = {"modality": "CT", "organ": "脑", "location": "左上", "density": "high", "size": "small", "finding": "结节"}
+    assert _score([text], [text], [truth])["truth_all_accuracy"] == 100.0
