@@ -228,7 +228,7 @@ def read_dicom(source: Source, *, name: str | None = None, header_only: bool = F
         raise RadscribeError(f"{_label(source, name)}: not a readable DICOM file ({err})") from None
 
 
-def dicom_to_hu(ds) -> np.ndarray:
+def dicom_to_hu(ds, *, label: str | None = None) -> np.ndarray:
     """Stored pixels -> modality values as float (Hounsfield units for CT): RescaleSlope x raw + RescaleIntercept.
 
     Shape (rows, cols) or (frames, rows, cols). Raises RadscribeError naming the extra for compressed data
@@ -236,13 +236,13 @@ def dicom_to_hu(ds) -> np.ndarray:
     """
     from pydicom.pixels import apply_modality_lut
 
-    raw = dicom_pixels(ds)
+    raw = dicom_pixels(ds, label=label)
     return np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
 
 
-def dicom_pixels(ds) -> np.ndarray:
+def dicom_pixels(ds, *, label: str | None = None) -> np.ndarray:
     """The decoded stored pixel values, with the checks every DICOM read needs."""
-    label = str(getattr(ds, "filename", None) or "DICOM data")
+    label = label or str(getattr(ds, "filename", None) or "DICOM data")
     if "PixelData" not in ds:
         raise RadscribeError(f"{label}: DICOM file has no pixel data (not an image)")
     pixels = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0))
@@ -281,7 +281,7 @@ def dicom_images(ds, window, choose, *, label: str | None = None) -> list[tuple[
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         # Colour (RGB/YBR: secondary captures, ultrasound): pydicom returns RGB; windows do not apply.
-        pixels = dicom_pixels(ds)
+        pixels = dicom_pixels(ds, label=label)
         frames = pixels if pixels.ndim == 4 else pixels[None]
         bits = int(ds.get("BitsStored", 8))
         scale = 255.0 / (2 ** bits - 1)
@@ -290,7 +290,7 @@ def dicom_images(ds, window, choose, *, label: str | None = None) -> list[tuple[
     if window not in (None, "auto") and str(ds.get("Modality", "")).upper() not in ("CT", ""):
         raise RadscribeError(f"{label}: window {window!r} is in Hounsfield units but the file is "
                              f"{ds.get('Modality')}; use window auto")
-    values = dicom_to_hu(ds)
+    values = dicom_to_hu(ds, label=label)
     frames = values if values.ndim == 3 else values[None]
     auto = auto_window(ds, frames) if window in (None, "auto") else ("range", 0.0, 0.0)
     out = []
