@@ -61,7 +61,28 @@ def cmd_tiny_model(sub) -> None:
 
 def cmd_train(sub) -> None:
     p = sub.add_parser("train", help="LoRA / QLoRA fine-tuning of a local Qwen-VL model on a prepared dataset")
-    p.set_defaults(handler=lambda a: _todo("train"))
+    _overrides(p)
+    p.add_argument("--model", help="base model folder (model.path)")
+    p.add_argument("--data", help="prepared dataset folder (data.dataset)")
+    p.add_argument("--out", help="run folder (output.dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--deepspeed", help="z2, z3 or a DeepSpeed JSON file (train.deepspeed)")
+    p.add_argument("--nproc", type=int, help="processes to launch through torchrun (train.nproc)")
+    p.add_argument("--emit-llamafactory", action="store_true",
+                   help="only write OUT/llamafactory.yaml + OUT/dataset_info.json (the same recipe), do not train")
+
+    def run(a):
+        from radscribe.train import config_from_args, emit_llamafactory, train
+
+        cfg = config_from_args(a.config, a.overrides, **{
+            "model.path": a.model, "data.dataset": a.data, "output.dir": a.out,
+            "output.resume": "true" if a.resume else None, "train.deepspeed": a.deepspeed, "train.nproc": a.nproc})
+        if a.emit_llamafactory:
+            print(emit_llamafactory(cfg))
+            return
+        print(train(cfg))
+
+    p.set_defaults(handler=run)
 
 
 # --- eval / score / audit / report (issue: eval) -----------------------------------------------------------
