@@ -25,6 +25,8 @@ CATEGORIES = ("modality", "organ", "location", "density", "size", "finding")
 """Term categories of the lexicon, in report order; the synthetic `truth` fields carry the same names."""
 NORMAL = "normal"
 """The finding term meaning 'no lesion'; it is never a hallucination."""
+GENERIC_FINDINGS = frozenset({NORMAL, "lesion"})
+"""Finding terms that name no kind ("病灶", "normal"): dropped when a specific kind is stated beside them."""
 CLAUSE_BREAK = re.compile(r"[，,。.;；:：!！?？\n]")
 
 
@@ -78,9 +80,10 @@ class Lexicon:
         for m in self.mentions(text):
             if not (m.negated and m.category == "finding"):
                 out[m.category].add(m.term)
-        if out["finding"] - {NORMAL}:
-            # "结节…周围结构未见明显异常": beside a lesion, "normal" describes the surroundings, not the finding.
-            out["finding"].discard(NORMAL)
+        if out["finding"] - GENERIC_FINDINGS:
+            # "小病灶…考虑为囊肿。周围结构未见明显异常": beside a specific kind, "lesion" only points at it and
+            # "normal" describes the surroundings; neither is a second finding.
+            out["finding"] -= GENERIC_FINDINGS
         return out
 
     def canonical(self, category: str, value: str) -> str | None:
@@ -117,7 +120,7 @@ def sample_columns(predict: str, label: str, truth: dict | None = None, lexicon:
         row[f"{c}_tp"] = len(pred[c] & ref[c])
         row[f"{c}_fp"] = len(pred[c] - ref[c])
         row[f"{c}_fn"] = len(ref[c] - pred[c])
-    row["hallucinated"] = float(bool(pred["finding"] - ref["finding"] - {NORMAL}))
+    row["hallucinated"] = float(bool(pred["finding"] - ref["finding"] - GENERIC_FINDINGS))
     for field in CATEGORIES:
         value = (truth or {}).get(field)
         has = isinstance(value, str) and bool(value)
