@@ -22,13 +22,73 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
 # --- synth (issue: prepare) -------------------------------------------------------------------------------
 def cmd_synth(sub) -> None:
     p = sub.add_parser("synth", help="write MedTrinity-shaped parquet shards of phantom images with reports")
-    p.set_defaults(handler=lambda a: _todo("synth"))
+    p.add_argument("--config", default=None, help="a YAML file of SynthConfig fields (flags override it)")
+    p.add_argument("--out", help="output folder for the parquet shards (default data/synth)")
+    p.add_argument("--n", type=int, help="number of images (default 1000)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--lang", choices=["zh", "en"], help="report language (default zh)")
+    p.add_argument("--size", type=int, help="image side in pixels (default 224)")
+    p.add_argument("--shard-rows", type=int, help="rows per parquet shard (default 1000)")
+    p.add_argument("--format", choices=["jpeg", "png"], help="image encoding (default jpeg)")
+    p.add_argument("--slices-per-patient", type=int, help="consecutive rows sharing one patient (default 1)")
+    p.add_argument("--normal-fraction", type=float, help="fraction of patients with no lesion (default 0.15)")
+    p.add_argument("--workers", type=int, help="processes (default: one per core when there are several shards)")
+
+    def run(a):
+        import dataclasses
+
+        from radscribe.config import load_config
+        from radscribe.data.synth import SynthConfig, synth
+
+        cfg = load_config(SynthConfig, a.config)
+        flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(SynthConfig)
+                 if getattr(a, f.name, None) is not None}
+        cfg = dataclasses.replace(cfg, **flags)
+        paths = synth(cfg)
+        print(f"{cfg.out}: {cfg.n} rows in {len(paths)} parquet shard(s)")
+
+    p.set_defaults(handler=run)
 
 
 # --- prepare (issues: prepare, DICOM) ---------------------------------------------------------------------
 def cmd_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="image/report data -> ShareGPT multimodal dataset (LLaMA-Factory-readable)")
-    p.set_defaults(handler=lambda a: _todo("prepare"))
+    p.add_argument("inputs", nargs="*", help="parquet files, globs or folders (MedTrinity 25M_demo / 25M_full layout)")
+    p.add_argument("--config", default=None, help="a YAML file of PrepareConfig fields (flags override it)")
+    p.add_argument("--out", help="output dataset folder (default data/dataset)")
+    p.add_argument("--images", help="images folder of the 25M_full layout, joined on file_name")
+    p.add_argument("--val-ratio", type=float, help="validation fraction (default 0.1)")
+    p.add_argument("--group-by", help="keep groups on one side: source, patient, or a regex on the file name")
+    p.add_argument("--format", choices=["json", "jsonl"], help="train/val file format (default json)")
+    p.add_argument("--lang", choices=["zh", "en"], help="language of the default prompt (default zh)")
+    p.add_argument("--prompt", help="custom prompt (<image> is prepended when missing)")
+    p.add_argument("--prompts-file", help="file of prompts, one per line, sampled per row")
+    p.add_argument("--seed", type=int, help="seed of the prompt sampling (default 0)")
+    p.add_argument("--max-pixels", type=int, help="reject images with more pixels (default 50,000,000)")
+    p.add_argument("--workers", type=int, help="image-verification processes (default: one per core)")
+    p.add_argument("--dicom", help="DICOM folder (with --reports); rows are de-identified")
+    p.add_argument("--nifti", help="NIfTI folder (with --reports)")
+    p.add_argument("--reports", help="reports CSV for --dicom/--nifti")
+    p.add_argument("--window", help="display window: auto, multi, or a preset (brain, lung, ...)")
+    p.add_argument("--slices", help="slices of a volume: middle, all, every:N")
+    p.add_argument("--keep-ids", action="store_true", default=None, help="keep source ids (no PHI only)")
+    p.add_argument("--allow-burned-in", action="store_true", default=None,
+                   help="accept images flagged with burned-in annotation")
+    p.add_argument("--id-key", help="reports CSV column to join on")
+    p.add_argument("--key", help="pseudonymisation secret (else env RADSCRIBE_DEID_KEY or a key file)")
+
+    def run(a):
+        import dataclasses
+
+        from radscribe.config import load_config
+        from radscribe.data.prepare import PrepareConfig, prepare
+
+        cfg = load_config(PrepareConfig, a.config)
+        flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(PrepareConfig)
+                 if getattr(a, f.name, None) not in (None, [])}
+        prepare(dataclasses.replace(cfg, **flags))
+
+    p.set_defaults(handler=run)
 
 
 # --- tiny-model / train (issue: train) -------------------------------------------------------------------

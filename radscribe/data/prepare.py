@@ -1,0 +1,457 @@
+"""Rows -> a ShareGPT multimodal dataset folder that LLaMA-Factory 0.9.x loads unchanged (docs/architecture.md).
+
+Run as: radscribe prepare data/synth --out data/dataset [--val-ratio 0.1] [--group-by patient] [--lang en]
+        radscribe prepare meta.parquet --images DIR --out data/full          (MedTrinity 25M_full layout)
+        radscribe prepare --dicom DIR --reports reports.csv --out data/ct    (medical folders, de-identified)
+
+What it guarantees:
+- images are copied byte-exact when they are JPEG or PNG (the reference recipe re-encodes every JPEG at default
+  quality and loses detail); other formats become lossless PNG; identical images are stored once;
+- every input row ends in train, val or `rejects.jsonl` with its reason, and `summary.json`'s counts add up;
+- the split is a hash of the id or of a group key, so it is deterministic and stable when rows are added;
+- input is streamed one record batch at a time; images are verified in a process pool (both cores);
+- a run killed at any point and rerun with the same arguments ends with the same bytes as an uninterrupted run
+  (outputs are appended to `*.partial` files and truncated back to the last checkpoint on resume); a rerun on
+  finished output is a no-op.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+from radscribe.data.sources import Row
+from radscribe.errors import RadscribeError
+
+IMAGE_TOKEN = "<image>"
+DEFAULT_PROMPTS = {"zh": "<image>图片中的诊断结果是怎样?", "en": "<image>What are the findings in this image?"}
+STATE_FILE = ".prepare_state.json"
+SPLITS = ("train", "val")
+# LLaMA-Factory 0.9.x sharegpt entry (FIELD_NOTES: these exact columns and tags).
+SHAREGPT_ENTRY = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+                  "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant"}}
+
+
+@dataclass
+class PrepareConfig:
+    """What `radscribe prepare` reads and how it writes the dataset folder."""
+
+    inputs: list[str] | None = None
+    """Parquet files, globs or folders in the MedTrinity `25M_demo` (or, with `images`, `25M_full`) layout."""
+    out: str = "data/dataset"
+    """Output dataset folder."""
+    images: str | None = None
+    """Images folder of the `25M_full` layout, joined on the parquet's `file_name`."""
+    dicom: str | None = None
+    """DICOM folder (with `reports`): rows come from `radscribe.data.medical`, de-identified."""
+    nifti: str | None = None
+    """NIfTI folder (with `reports`)."""
+    reports: str | None = None
+    """Reports CSV for `dicom`/`nifti`."""
+    window: str = "auto"
+    """Display window for medical images (see radscribe.data.medical.MedicalOptions)."""
+    slices: str = "middle"
+    """Which slices of a volume become rows: middle, all, every:N."""
+    keep_ids: bool = False
+    """Keep source ids instead of keyed-hash pseudonyms (only for data without PHI)."""
+    allow_burned_in: bool = False
+    """Accept DICOM images flagged with burned-in annotation."""
+    id_key: str | None = None
+    """Reports CSV column to join on."""
+    key: str | None = None
+    """Secret for the pseudonyms (else env RADSCRIBE_DEID_KEY or a key file outside the dataset)."""
+    val_ratio: float = 0.1
+    """Fraction of rows (or groups) hashed into the validation split."""
+    group_by: str | None = None
+    """Keep a group on one side of the split: `source`, `patient`, or a regex on the file name (first group)."""
+    format: Literal["json", "jsonl"] = "json"
+    """train/val files as JSON arrays (`train.json`) or JSON lines (`train.jsonl`)."""
+    lang: Literal["zh", "en"] = "zh"
+    """Language of the default prompt."""
+    prompt: str | None = None
+    """A custom prompt; `<image>` is prepended when it has none."""
+    prompts_file: str | None = None
+    """A file of prompts, one per line, sampled per row (a hash of seed and id, so resumes agree)."""
+    seed: int = 0
+    """Seed of the prompt sampling."""
+    max_pixels: int = 50_000_000
+    """Decompression-bomb guard: images with more pixels are rejected before they are decoded."""
+    workers: int = 0
+    """Image-verification processes; 0 = one per CPU core."""
+    chunk_rows: int = 256
+    """Rows per work unit and checkpoint."""
+
+
+# --- per-image work (runs in the process pool) -------------------------------------------------------------
+def sanitise_id(row_id: str) -> str:
+    """An id as a safe file-name stem: [A-Za-z0-9._-] only, no leading dot, at most 64 characters."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", row_id).lstrip(".")[:64]
+    return stem or "row"
+
+
+def verify_image(data: bytes, max_pixels: int) -> tuple[str | None, str, bytes | None, str]:
+    """Check one encoded image: (reject reason or None, detail, bytes to store, file extension).
+
+    JPEG and PNG are stored as given; anything else PIL decodes is converted to PNG losslessly.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return "non-image bytes", f"{len(data)} bytes, starts {data[:8].hex()}", None, ""
+    except Exception as err:  # PIL raises many types for corrupt headers
+        return "undecodable image", f"{type(err).__name__}: {err}", None, ""
+    width, height = img.size
+    if width * height > max_pixels:
+        return "image over pixel limit", f"{width}x{height} > {max_pixels} pixels", None, ""
+    try:
+        img.load()  # a full decode: the only honest test of a truncated or corrupt stream
+    except Exception as err:
+        reason = "truncated image" if isinstance(err, EOFError) or "truncat" in str(err).lower() else \
+            "undecodable image"
+        return reason, f"{type(err).__name__}: {err}", None, ""
+    if img.format in ("JPEG", "MPO"):
+        return None, "", data, "jpg"
+    if img.format == "PNG":
+        return None, "", data, "png"
+    if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in img.mode else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return None, f"converted {img.format or 'image'} to PNG", buf.getvalue(), "png"
+
+
+def _verify_chunk(images_dir: str, max_pixels: int, items: list[tuple[str, bytes]]) -> list[tuple]:
+    """Verify and store a chunk's images; returns (reason, detail, file name, sha256) per item."""
+    results = []
+    for safe_id, data in items:
+        reason, detail, stored, ext = verify_image(data, max_pixels)
+        if reason:
+            results.append((reason, detail, None, None))
+            continue
+        sha = hashlib.sha256(stored).hexdigest()
+        name = f"{safe_id}-{sha[:12]}.{ext}"
+        path = os.path.join(images_dir, name)
+        if not os.path.exists(path):
+            # Atomic: a kill never leaves a half-written image under its final name.
+            tmp = os.path.join(images_dir, f".tmp-{os.getpid()}-{name}")
+            with open(tmp, "wb") as f:
+                f.write(stored)
+            os.replace(tmp, path)
+        results.append((None, detail, name, sha))
+    return results
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+def prepare(cfg: PrepareConfig) -> dict:
+    """Build the dataset folder; returns the summary (also written to `summary.json`)."""
+    from tqdm import tqdm
+
+    prompts = _prompts(cfg)
+    out = Path(cfg.out)
+    fingerprint = _fingerprint(cfg)
+    summary_path = out / "summary.json"
+    if summary_path.is_file():
+        done = json.loads(summary_path.read_text(encoding="utf-8"))
+        if done.get("fingerprint") == fingerprint:
+            print(f"{out}: already prepared with these arguments; nothing to do")
+            return done
+        raise RadscribeError(f"{out} holds a dataset prepared with other arguments or inputs; "
+                             f"choose a new --out or delete the folder")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "images").glob(".tmp-*"):
+        stale.unlink()
+
+    ledger = _Ledger(out, cfg.format, fingerprint)
+    rows, total, deid = _open_rows(cfg, start=ledger.rows_done)
+    bar = tqdm(total=total, initial=ledger.rows_done, unit="rows", desc="prepare", disable=None, smoothing=0.1)
+    images_dir = str(out / "images")
+    workers = cfg.workers or (os.cpu_count() or 1)
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers)
+    try:
+        pending: collections.deque = collections.deque()
+        for chunk in _chunks(rows, cfg.chunk_rows):
+            items = [(sanitise_id(r_id), row.image) for row, r_id, why in chunk if why is None]
+            if pool is None:
+                pending.append((chunk, None, _verify_chunk(images_dir, cfg.max_pixels, items)))
+            else:
+                pending.append((chunk, pool.apply_async(_verify_chunk, (images_dir, cfg.max_pixels, items)), None))
+            # At most two chunks in flight per worker: memory stays flat however large the input.
+            while pending and (len(pending) > 2 * workers or pending[0][1] is None or pending[0][1].ready()):
+                bar.update(_commit(ledger, *pending.popleft(), prompts, cfg))
+        while pending:
+            bar.update(_commit(ledger, *pending.popleft(), prompts, cfg))
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+
+    summary = ledger.finish(cfg, deid)
+    print(f"{out}: {summary['train']} train, {summary['val']} val, {summary['rejects']} rejected "
+          f"of {summary['input_rows']} rows; {summary['images_stored']} images")
+    return summary
+
+
+def _prompts(cfg: PrepareConfig) -> list[str]:
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise RadscribeError(f"--prompts-file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise RadscribeError(f"--prompts-file {path} holds no prompts")
+    else:
+        prompts = [cfg.prompt or DEFAULT_PROMPTS[cfg.lang]]
+    fixed = []
+    for i, prompt in enumerate(prompts):
+        count = prompt.count(IMAGE_TOKEN)
+        if count > 1:
+            raise RadscribeError(f"prompt {i + 1} ({prompt!r}) holds {count} {IMAGE_TOKEN} placeholders; "
+                                 f"each row has exactly one image")
+        # LLaMA-Factory fails hard when placeholders and images differ in number.
+        fixed.append(prompt if count else IMAGE_TOKEN + prompt)
+    return fixed
+
+
+def _fingerprint(cfg: PrepareConfig) -> str:
+    """Everything that decides the output bytes: the arguments (not workers/chunk size) and the input files."""
+    from radscribe.data.sources import parquet_files
+
+    args = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows")}
+    files = []
+    if cfg.inputs:
+        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in parquet_files(cfg.inputs)]
+    blob = json.dumps({"args": args, "files": files}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _open_rows(cfg: PrepareConfig, start: int) -> tuple[Iterator[Row], int | None, dict | None]:
+    """The input rows from `start` on, their total when known, and the de-identification report (medical)."""
+    if cfg.dicom or cfg.nifti:
+        import itertools
+
+        from radscribe.data.medical import MedicalOptions, medical_rows
+
+        if cfg.inputs:
+            raise RadscribeError("give either parquet inputs or --dicom/--nifti, not both")
+        deid: dict = {}
+        opts = MedicalOptions(dicom=cfg.dicom, nifti=cfg.nifti, reports=cfg.reports, window=cfg.window,
+                              slices=cfg.slices, keep_ids=cfg.keep_ids, allow_burned_in=cfg.allow_burned_in,
+                              id_key=cfg.id_key, key=cfg.key)
+        # Medical rows are re-derived on resume (the de-identification report must cover all of them).
+        return itertools.islice(medical_rows(opts, deid), start, None), None, deid
+    if not cfg.inputs:
+        raise RadscribeError("no input: give parquet files/globs/folders, or --dicom/--nifti with --reports")
+    from radscribe.data.sources import count_rows, medtrinity_rows, parquet_files
+
+    files = parquet_files(cfg.inputs)
+    rows = medtrinity_rows(files, images_dir=cfg.images, group_by=cfg.group_by, start=start)
+    return rows, count_rows(files), None
+
+
+def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[tuple[Row, str, str | None]]]:
+    """Batches of (row, id, reason known before decoding)."""
+    chunk = []
+    for row in rows:
+        row_id = row.id if row.id not in (None, "") else f"{Path(row.source).stem}-{row.index}"
+        if row.reject:
+            why = row.reject
+        elif row.image is None:
+            why = "null image"
+        elif not (row.caption or "").strip():
+            why = "empty caption"
+        else:
+            why = None
+        chunk.append((row, str(row_id), why))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _commit(ledger: "_Ledger", chunk, async_result, results, prompts: list[str], cfg: PrepareConfig) -> int:
+    """Write one chunk's rows in input order, then checkpoint."""
+    results = iter(async_result.get() if async_result is not None else results)
+    for row, row_id, why in chunk:
+        detail, name, sha = "", None, None
+        if why is None:
+            why, detail, name, sha = next(results)
+        if why is None and row_id in ledger.ids:
+            why = "duplicate id"
+        if why is not None:
+            ledger.reject(row, row_id, why, detail, name)
+            continue
+        ledger.accept(row, row_id, name, sha, _pick_prompt(prompts, cfg.seed, row_id), cfg.val_ratio)
+    ledger.checkpoint(len(chunk))
+    return len(chunk)
+
+
+def _pick_prompt(prompts: list[str], seed: int, row_id: str) -> str:
+    if len(prompts) == 1:
+        return prompts[0]
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return prompts[int.from_bytes(digest[:8], "little") % len(prompts)]
+
+
+def split_of(key: str, val_ratio: float) -> str:
+    """`train` or `val` from a hash of the id or group key: stable when rows are added or reordered."""
+    digest = hashlib.sha256(f"split:{key}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2 ** 64 < val_ratio else "train"
+
+
+class _Ledger:
+    """The output files, the running counts and the checkpoint; rebuilds itself from a killed run's files."""
+
+    def __init__(self, out: Path, fmt: str, fingerprint: str):
+        self.out, self.fmt, self.fingerprint = out, fmt, fingerprint
+        self.names = {s: f"{s}.{fmt}" for s in SPLITS}
+        self.paths = {s: out / f"{self.names[s]}.partial" for s in SPLITS}
+        self.paths["rejects"] = out / "rejects.jsonl.partial"
+        self.ids: set[str] = set()
+        self.by_sha: dict[str, str] = {}
+        self.groups = {s: set() for s in SPLITS}
+        self.counts = {s: 0 for s in SPLITS}
+        self.reasons: collections.Counter = collections.Counter()
+        self.duplicate_images = 0
+        self.rows_done = 0
+        state_path = out / STATE_FILE
+        state = json.loads(state_path.read_text()) if state_path.is_file() else None
+        if state and state["fingerprint"] != fingerprint:
+            raise RadscribeError(f"{out} holds an unfinished prepare run with other arguments or inputs; rerun "
+                                 f"with the same arguments to resume it, or choose a new --out")
+        if state:
+            self._resume(state)
+        else:
+            for path in self.paths.values():
+                path.write_bytes(b"")
+        self.files = {k: open(p, "ab") for k, p in self.paths.items()}
+        if not state:
+            self.checkpoint(0)
+
+    def _resume(self, state: dict) -> None:
+        self.rows_done = state["rows_done"]
+        for key, path in self.paths.items():
+            with open(path, "ab") as f:
+                f.truncate(state["offsets"][key])
+        for split in SPLITS:
+            for rec in self._lines(self.paths[split]):
+                self.counts[split] += 1
+                self.ids.add(rec["id"])
+                name = rec["images"][0].split("/", 1)[1]
+                sha12 = name.rsplit("-", 1)[1].split(".")[0]
+                self.duplicate_images += sha12 in self.by_sha
+                self.by_sha.setdefault(sha12, name)
+                self.groups[split].add(rec.get("group", rec["id"]))
+        for rec in self._lines(self.paths["rejects"]):
+            self.reasons[rec["reason"]] += 1
+
+    def _lines(self, path: Path) -> Iterator[dict]:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip().rstrip(",")
+                if line and line != "[":
+                    yield json.loads(line)
+
+    def _write(self, key: str, rec: dict) -> None:
+        text = json.dumps(rec, ensure_ascii=False)
+        if key in SPLITS and self.fmt == "json":
+            # A JSON array, one row per line, closed by `finish`: "[\n" row (",\n" row)*
+            text = ("[\n" if self.counts[key] == 0 else ",\n") + text
+        else:
+            text += "\n"
+        self.files[key].write(text.encode("utf-8"))
+
+    def reject(self, row: Row, row_id: str, reason: str, detail: str, name: str | None) -> None:
+        rec = {"source": row.source, "row": row.index, "id": row_id, "reason": reason}
+        if detail:
+            rec["detail"] = detail
+        self._write("rejects", rec)
+        self.reasons[reason] += 1
+        # The worker stored this row's image before the duplicate-id verdict; drop it unless another row uses it.
+        if name and self.by_sha.get(name.rsplit("-", 1)[1].split(".")[0]) != name:
+            (self.out / "images" / name).unlink(missing_ok=True)
+
+    def accept(self, row: Row, row_id: str, name: str, sha: str, prompt: str, val_ratio: float) -> None:
+        sha12 = sha[:12]
+        kept = self.by_sha.setdefault(sha12, name)
+        if kept != name:  # the same pixels are already stored under an earlier row's name
+            self.duplicate_images += 1
+            (self.out / "images" / name).unlink(missing_ok=True)
+        key = row.group if row.group is not None else row_id
+        split = split_of(key, val_ratio)
+        rec = {"id": row_id,
+               "messages": [{"role": "user", "content": prompt},
+                            {"role": "assistant", "content": row.caption.strip()}],
+               "images": [f"images/{kept}"]}
+        if row.group is not None:
+            rec["group"] = row.group
+        if row.truth:
+            rec["truth"] = row.truth
+        self._write(split, rec)
+        self.counts[split] += 1
+        self.ids.add(row_id)
+        self.groups[split].add(key)
+
+    def checkpoint(self, rows: int) -> None:
+        self.rows_done += rows
+        offsets = {}
+        for key, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            offsets[key] = f.tell()
+        state = {"fingerprint": self.fingerprint, "rows_done": self.rows_done, "offsets": offsets}
+        tmp = self.out / f"{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.out / STATE_FILE)
+
+    def finish(self, cfg: PrepareConfig, deid: dict | None) -> dict:
+        for split in SPLITS:
+            if self.fmt == "json":
+                self.files[split].write(b"\n]\n" if self.counts[split] else b"[]\n")
+        for f in self.files.values():
+            f.close()
+        for split in SPLITS:
+            os.replace(self.paths[split], self.out / self.names[split])
+        os.replace(self.paths["rejects"], self.out / "rejects.jsonl")
+        info = {f"radscribe_{s}": {"file_name": self.names[s], **SHAREGPT_ENTRY} for s in SPLITS}
+        _write_json(self.out / "dataset_info.json", info)
+        if deid is not None:
+            _write_json(self.out / "deid_report.json", deid)
+        rejects = sum(self.reasons.values())
+        summary = {
+            "input_rows": self.rows_done, "train": self.counts["train"], "val": self.counts["val"],
+            "rejects": rejects, "reasons": dict(sorted(self.reasons.items())),
+            "images_stored": len(self.by_sha), "duplicate_image_rows": self.duplicate_images,
+            "split": {"val_ratio": cfg.val_ratio, "group_by": cfg.group_by,
+                      "train_groups": len(self.groups["train"]), "val_groups": len(self.groups["val"]),
+                      "val_fraction": round(self.counts["val"] / max(1, self.counts["train"] + self.counts["val"]), 4),
+                      "groups_on_both_sides": len(self.groups["train"] & self.groups["val"])},
+            "arguments": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "key")},
+            "fingerprint": self.fingerprint,
+        }
+        assert summary["train"] + summary["val"] + rejects == summary["input_rows"], "a row was lost"
+        # summary.json last: its presence marks the folder finished (the no-op rerun check).
+        _write_json(self.out / "summary.json", summary)
+        (self.out / STATE_FILE).unlink(missing_ok=True)
+        return summary
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
