@@ -110,16 +110,17 @@ def verify_image(data: bytes, max_pixels: int) -> tuple[str | None, str, bytes |
     except UnidentifiedImageError:
         return "non-image bytes", f"{len(data)} bytes, starts {data[:8].hex()}", None, ""
     except Exception as err:  # PIL raises many types for corrupt headers
-        return "undecodable image", f"{type(err).__name__}: {err}", None, ""
+        return _decode_failure(err), f"{type(err).__name__}: {err}", None, ""
     width, height = img.size
     if width * height > max_pixels:
         return "image over pixel limit", f"{width}x{height} > {max_pixels} pixels", None, ""
     try:
         img.load()  # a full decode: the only honest test of a truncated or corrupt stream
+        if img.format == "PNG":
+            # load() stops at the last pixel row; verify() walks the chunks to IEND and checks their CRCs.
+            Image.open(io.BytesIO(data)).verify()
     except Exception as err:
-        reason = "truncated image" if isinstance(err, EOFError) or "truncat" in str(err).lower() else \
-            "undecodable image"
-        return reason, f"{type(err).__name__}: {err}", None, ""
+        return _decode_failure(err), f"{type(err).__name__}: {err}", None, ""
     if img.format in ("JPEG", "MPO"):
         return None, "", data, "jpg"
     if img.format == "PNG":
@@ -129,6 +130,10 @@ def verify_image(data: bytes, max_pixels: int) -> tuple[str | None, str, bytes |
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return None, f"converted {img.format or 'image'} to PNG", buf.getvalue(), "png"
+
+
+def _decode_failure(err: Exception) -> str:
+    return "truncated image" if isinstance(err, EOFError) or "truncat" in str(err).lower() else "undecodable image"
 
 
 def _verify_chunk(images_dir: str, max_pixels: int, items: list[tuple[str, bytes]]) -> list[tuple]:
