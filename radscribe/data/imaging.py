@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import warnings
 import zlib
 from pathlib import Path
 
@@ -155,7 +156,11 @@ def _load_pil(source: Source, name: str | None) -> Image.Image:
     label = _label(source, name)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with Image.open(fp, formats=PIL_FORMATS) as im:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it; above our own lower limit anyway, so refuse.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp, formats=PIL_FORMATS)
+        with im:
             if im.width * im.height > MAX_PIXELS:
                 raise RadscribeError(f"{label}: {im.width}x{im.height} pixels is over the limit of {MAX_PIXELS}")
             im.load()
@@ -164,7 +169,7 @@ def _load_pil(source: Source, name: str | None) -> Image.Image:
                 arr = np.asarray(im, dtype=np.float64)
                 return _gray_to_rgb(_range_window(arr, float(arr.min()), float(arr.max())))
             return im.convert("RGB")
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RadscribeError(f"{label}: image is over the decompression-bomb pixel limit") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise RadscribeError(f"{label}: cannot decode the image ({err})") from None

@@ -80,6 +80,7 @@ UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PATH_KEYS = ("file", "path", "filename", "file_name")
 PATIENT_KEYS = ("patient", "patient_id", "PatientID")
 REPORT_KEY = "report"
+BURNED_IN_REASON = "Burned In Annotation (0028,0301) is YES: PHI may be in the pixels (--allow-burned-in to accept)"
 
 
 @dataclass
@@ -141,7 +142,7 @@ def medical_rows(opts: MedicalOptions, deid: dict) -> Iterator[Row]:
     matched = {id(v) for _, vols in matches for v in vols}
     for vol in volumes:
         if id(vol) not in matched:
-            reason = vol.error or f"no report in {Path(opts.reports).name} matches this file by {id_key}"
+            reason = vol.error or f"no report in the reports CSV matches this file (by {id_key})"
             yield _file_reject(vol, opts, pseudo, reason)
 
     stacks = [(report, stack) for report, vols in matches for stack in _stacks(vols, id_key, opts.slices)]
@@ -285,12 +286,13 @@ def _join(reports: list[_Report], volumes: list[_Volume], id_key: str):
     for report in reports:
         value = report.key.replace("\\", "/").removeprefix("./")
         vols = index.get(value) if value else None
+        # Reasons are categories (the ledger counts them); the CSV row number is the ledger's `row`.
         if not report.text:
-            report.reject = f"CSV row {report.row}: empty `{REPORT_KEY}`"
+            report.reject = f"empty `{REPORT_KEY}` in the reports CSV"
         elif not vols:
-            report.reject = f"CSV row {report.row}: no readable file matches its {id_key}"
+            report.reject = f"no readable file matches the report's {id_key}"
         elif id(vols[0]) in used:
-            report.reject = f"CSV row {report.row}: same {id_key} as row {used[id(vols[0])]}, which gives the report"
+            report.reject = f"duplicate {id_key} in the reports CSV (an earlier row gives the report)"
         if report.reject:
             unmatched.append(report)
             continue
@@ -339,8 +341,7 @@ def _render(report: _Report, stack: list[tuple[_Volume, int]], opts: MedicalOpti
         group = pseudo.group(_patient(report, vol))
         burned = vol.kind == "dicom" and str(vol.header.get("BurnedInAnnotation", "")).strip().upper() == "YES"
         if burned and not opts.allow_burned_in:
-            yield _file_reject(vol, opts, pseudo, "Burned In Annotation (0028,0301) is YES: PHI may be in the "
-                               "pixels (use --allow-burned-in after checking)", report, group)
+            yield _file_reject(vol, opts, pseudo, BURNED_IN_REASON, report, group)
             continue
         try:
             wanted = set(frames)
