@@ -193,7 +193,19 @@ def cmd_serve(sub) -> None:
 
 def cmd_export(sub) -> None:
     p = sub.add_parser("export", help="merge the adapter into a standalone model folder (vLLM, 4-bit)")
-    p.set_defaults(handler=lambda a: _todo("export"))
+    p.add_argument("out", help="new folder for the merged model")
+    p.add_argument("--model", required=True, help="base model folder")
+    p.add_argument("--adapter", required=True, help="a `radscribe train` run folder or a PEFT adapter folder")
+    p.add_argument("--quantize", choices=["4bit"], default=None, help="save bitsandbytes nf4 (pre-quantised)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="merge dtype")
+    p.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
+
+    def run(a):
+        from radscribe.export import export
+
+        export(a.model, a.adapter, a.out, quantize=a.quantize, dtype=a.dtype, device=a.device)
+
+    p.set_defaults(handler=run)
 
 
 # --- demo (issue: demo) -----------------------------------------------------------------------------------
