@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from radscribe.errors import RadscribeError
+from radscribe.model.lora import quantization_config
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.json", "tokenizer_config.json")
@@ -123,26 +124,6 @@ def _torch_dtype(dtype: str):
     return {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
-def quantization_config(quantization: str | None, compute_dtype=None):
-    """bitsandbytes settings for `quantization` ("4bit" = nf4, double quant, as QLoRA), or None."""
-    if quantization is None:
-        return None
-    if quantization != "4bit":
-        raise RadscribeError(f"quantization {quantization!r} is not supported; use 4bit or leave it unset")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RadscribeError("quantization: 4bit needs bitsandbytes: pip install 'radscribe[qlora]'")
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    # Vision tower and lm_head stay unquantised, as in QLoRA recipes for VLMs: the tower is small and quantising
-    # it hurts image features most. bitsandbytes cannot quantise the 3-D MoE expert parameters in any case.
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
-        llm_int8_skip_modules=["lm_head", "visual", "vision_tower"],
-    )
-
-
 def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
                quantization: str | None = None, device: str | None = None, trainable: bool = False):
     """Load (model, processor) from a local folder; attach the PEFT adapter at `adapter` (RUN or RUN/adapter).
@@ -163,7 +144,7 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     compute_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
     if quantization and compute_dtype is None:
         compute_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    bnb = quantization_config(quantization, compute_dtype)
+    bnb = quantization_config(quantization, compute_dtype)  # checks bitsandbytes before any loading
     processor = load_processor(path)
     kwargs = {"dtype": torch_dtype}
     if bnb is not None:

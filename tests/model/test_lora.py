@@ -1,0 +1,152 @@
+"""LoRA targets ("all" as LLaMA-Factory resolves it), expert LoRA on fused MoE weights, and 4-bit QLoRA on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from PIL import Image
+
+from radscribe.errors import RadscribeError
+from radscribe.model import lora
+from radscribe.model.load import load_model
+from radscribe.model.tiny import build_tiny_model
+
+LM = "model.language_model."
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    return {arch: build_tiny_model(arch, root / arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
+
+
+def _batch(processor, report="这是一张肺CT图像。右下区域可见一小病灶。"):
+    image = Image.new("RGB", (96, 96), (30, 160, 90))
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "描述"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": report}]}]
+    batch = processor(text=[processor.apply_chat_template(chat, tokenize=False)], images=[image],
+                      return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+    return batch
+
+
+def _lora_param_count(model, names, rank):
+    modules = dict(model.named_modules())
+    return sum(rank * (modules[n].in_features + modules[n].out_features) for n in names)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe"])
+def test_all_is_every_language_model_linear_except_lm_head(models, arch):
+    model, _ = load_model(models[arch], device="cpu")
+    targets = lora.lora_targets(model, "all")
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert targets == sorted(n for n in linears if n.startswith(LM))
+    assert "lm_head" not in targets and not any("visual" in t for t in targets)
+    per_layer = {"qwen3_vl": 7, "qwen2_5_vl": 7, "qwen3_vl_moe": 4}[arch]  # MoE: attention only (experts fused)
+    assert len(targets) == 2 * per_layer
+
+
+def test_vision_and_merger_are_opt_in(models):
+    model, _ = load_model(models["qwen2_5_vl"], device="cpu")
+    base = set(lora.lora_targets(model))
+    with_vision = set(lora.lora_targets(model, vision=True)) - base
+    with_merger = set(lora.lora_targets(model, merger=True)) - base
+    # Qwen2.5-VL vision blocks reuse mlp.gate_proj/up_proj/down_proj: full names keep them apart
+    assert with_vision == {f"model.visual.blocks.{i}.{n}" for i in range(2)
+                           for n in ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert with_merger == {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
+    model3, _ = load_model(models["qwen3_vl"], device="cpu")
+    merger3 = set(lora.lora_targets(model3, merger=True)) - set(lora.lora_targets(model3))
+    assert merger3 == {f"model.visual.merger.linear_fc{j}" for j in (1, 2)} | {
+        f"model.visual.deepstack_merger_list.{i}.linear_fc{j}" for i in range(2) for j in (1, 2)}
+
+
+def test_a_target_list_selects_by_suffix_and_unknown_names_fail(models):
+    model, _ = load_model(models["qwen2_5_vl"], device="cpu")
+    assert lora.lora_targets(model, ["q_proj", "v_proj"]) == sorted(
+        f"{LM}layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "v_proj"))
+    assert lora.lora_targets(model, "down_proj") == [f"{LM}layers.{i}.mlp.down_proj" for i in range(2)]
+    with pytest.raises(RadscribeError, match="qkv"):  # a vision name, while the tower is frozen
+        lora.lora_targets(model, ["qkv"])
+
+
+def test_describe_reports_targets_and_exact_counts(models):
+    model, _ = load_model(models["qwen3_vl"], device="cpu", trainable=True)
+    targets = lora.lora_targets(model)
+    expected = _lora_param_count(model, targets, rank=8)
+    total = sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, lora.build_lora_config(model, rank=8, alpha=16))
+    info = lora.describe(peft_model)
+    assert info["lora_modules"] == {"language_model": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                       "self_attn.k_proj", "self_attn.o_proj",
+                                                       "self_attn.q_proj", "self_attn.v_proj"]}
+    assert info["lora_module_count"] == 14 and info["lora_expert_parameters"] == []
+    assert info["trainable_parameters"] == expected == 16384
+    assert info["total_parameters"] == total + expected
+
+
+def test_expert_lora_trains_the_fused_experts_and_reloads_exactly(models, tmp_path):
+    torch.manual_seed(0)
+    model, processor = load_model(models["qwen3_vl_moe"], device="cpu", trainable=True)
+    config = lora.build_lora_config(model, rank=4, alpha=8, experts=True)
+    assert sorted(config.target_parameters) == sorted(
+        f"{LM}layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
+    peft_model = get_peft_model(model, config)
+    info = lora.describe(peft_model)
+    assert info["lora_expert_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    expert_lora = {n: p for n, p in peft_model.named_parameters() if p.requires_grad and ".experts." in n}
+    assert len(expert_lora) == 8  # A and B for two parameters in two layers
+    without = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad) - sum(
+        p.numel() for p in expert_lora.values())
+    assert info["trainable_parameters"] == without + sum(p.numel() for p in expert_lora.values())
+
+    batch = _batch(processor)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in expert_lora.items()}
+    for _ in range(3):
+        loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(not torch.equal(before[n], p) for n, p in expert_lora.items())
+
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "run" / "adapter")
+    reloaded, _ = load_model(models["qwen3_vl_moe"], adapter=tmp_path / "run", device="cpu")
+    base, _ = load_model(models["qwen3_vl_moe"], device="cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, logits)
+        assert not torch.allclose(base(**batch).logits, logits, atol=1e-4)
+
+
+def test_expert_lora_on_a_dense_model_is_a_clear_error(models):
+    model, _ = load_model(models["qwen3_vl"], device="cpu")
+    with pytest.raises(RadscribeError, match="no MoE expert weights"):
+        lora.build_lora_config(model, experts=True)
+
+
+def test_qlora_4bit_dense_loads_and_lora_learns_on_cpu(models):
+    torch.manual_seed(0)
+    model, processor = load_model(models["qwen3_vl"], quantization="4bit", device="cpu", trainable=True)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds[f"{LM}layers.0.self_attn.q_proj"] == "Linear4bit"
+    assert kinds[f"{LM}layers.1.mlp.down_proj"] == "Linear4bit"
+    assert kinds["model.visual.blocks.0.attn.qkv"] == "Linear" and kinds["lm_head"] == "Linear"
+    peft_model = get_peft_model(model, lora.build_lora_config(model, rank=8, alpha=16))
+    assert lora.describe(peft_model)["lora_module_count"] == 14
+    batch = _batch(processor)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=5e-3)
+    losses = []
+    for _ in range(8):
+        loss = peft_model(**batch).loss
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in trainable if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
