@@ -129,8 +129,8 @@ def medical_rows(opts: MedicalOptions, deid: dict) -> Iterator[Row]:
                 images="PNG re-encoded from windowed pixels; no DICOM/NIfTI header is copied",
                 burned_in_annotation="accepted (--allow-burned-in)" if opts.allow_burned_in else "rejected")
     pseudo = _Pseudonymiser(key, opts.keep_ids)
-    id_key, reports = read_reports(opts.reports, opts.id_key)
     volumes = _list_volumes(opts)
+    id_key, reports = read_reports(opts.reports, opts.id_key)
     deid["files"] = deid.get("files", 0) + len(volumes)
     for vol in tqdm(volumes, desc="read headers", unit="file", disable=len(volumes) < 50):
         _read_header(vol, deid)
@@ -239,6 +239,9 @@ def _read_header(vol: _Volume, deid: dict) -> None:
     try:
         if vol.kind == "dicom":
             ds = read_dicom(vol.path, header_only=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                # force=True parses almost any bytes; an image has at least its matrix size.
+                raise RadscribeError(f"{vol.path}: not a readable DICOM image (no Rows/Columns)")
             vol.header, vol.frames = ds, dicom_frame_count(ds)
             for keyword in IDENTIFYING_TAGS:
                 if keyword in ds and ds[keyword].value not in (None, "", b"", []):
