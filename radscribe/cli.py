@@ -148,12 +148,46 @@ def cmd_train(sub) -> None:
 # --- eval / score / audit / report (issue: eval) -----------------------------------------------------------
 def cmd_eval(sub) -> None:
     p = sub.add_parser("eval", help="batched generation on a split; BLEU-4/ROUGE as LLaMA-Factory + clinical checks")
-    p.set_defaults(handler=lambda a: _todo("eval"))
+    p.add_argument("--model", required=True, help="base model folder")
+    p.add_argument("--adapter", default=None, help="run folder (or its adapter/); omit to evaluate the base model")
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--ablate", choices=["blank", "shuffle"], default=None, help="image-grounding check")
+    p.add_argument("--out", default=None, help="output root (default RUN/eval); results go to OUT/<split>[-<ablate>]")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--workers", type=int, default=1, help="processes for BLEU/ROUGE scoring")
+
+    def run(a):
+        from radscribe.evaluate.predict import EvalConfig, evaluate
+
+        evaluate(EvalConfig(model=a.model, data=a.data, adapter=a.adapter, split=a.split, batch_size=a.batch_size,
+                            max_new_tokens=a.max_new_tokens, limit=a.limit, ablate=a.ablate, out=a.out,
+                            temperature=a.temperature, top_p=a.top_p, seed=a.seed, dtype=a.dtype,
+                            n_boot=a.n_boot, workers=a.workers))
+
+    p.set_defaults(handler=run)
 
 
 def cmd_score(sub) -> None:
     p = sub.add_parser("score", help="score an existing generated_predictions.jsonl")
-    p.set_defaults(handler=lambda a: _todo("score"))
+    p.add_argument("file", help="a generated_predictions.jsonl (LLaMA-Factory, vLLM or ours)")
+    p.add_argument("--out", default=None, help="also write scores.json, predict_results.json, per_sample.jsonl here")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--workers", type=int, default=1, help="processes for BLEU/ROUGE scoring")
+
+    def run(a):
+        from radscribe.evaluate.predict import score_file
+
+        score_file(a.file, out=a.out, n_boot=a.n_boot, workers=a.workers)
+
+    p.set_defaults(handler=run)
 
 
 def cmd_audit(sub) -> None:

@@ -1,0 +1,291 @@
+"""`radscribe eval`: generate reports for a dataset split, score them as LLaMA-Factory does, and beyond.
+
+Run as: radscribe eval --model BASE [--adapter RUN] --data DATASET [--split val] [--batch-size 8]
+                       [--max-new-tokens 512] [--limit N] [--ablate blank|shuffle] [--out DIR]
+        radscribe score generated_predictions.jsonl [--out DIR]
+
+Where outputs live: `DIR/<split>[-<ablation>]/`, with DIR = `--out`, or `RUN/eval` when an adapter run is given
+(a base-model eval has no run folder, so it needs `--out`). Each folder holds:
+  generated_predictions.jsonl  {"prompt", "predict", "label", "id", "image"[, "truth"]} per line (LLaMA-Factory's
+                               keys first, so its tools and ours read the same file)
+  predict_results.json         exactly LLaMA-Factory's keys: predict_bleu-4, predict_rouge-1/-2/-l, predict_runtime,
+                               predict_samples_per_second, predict_steps_per_second
+  scores.json                  every score with its bootstrap 95 % CI (BLEU/ROUGE, finding-level, hallucination,
+                               ground-truth accuracy on synthetic data), the config and the sample count
+  per_sample.jsonl             the per-sample columns behind scores.json (the report's paired comparisons use them)
+  ablation.json                (ablation runs) each score on real vs ablated images, the drop and its paired CI
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from radscribe.errors import RadscribeError
+from radscribe.evaluate import findings, metrics, stats
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    """Base model folder (as downloaded, or written by `radscribe tiny-model`)."""
+    data: str
+    """Prepared dataset folder (or any LLaMA-Factory sharegpt folder with images)."""
+    adapter: str | None = None
+    """A `radscribe train` run folder (or its adapter/ folder); none evaluates the base model."""
+    split: str = "val"
+    """Which split to evaluate."""
+    batch_size: int = 8
+    """Requests per generate call (left-padded)."""
+    max_new_tokens: int = 512
+    """Generation budget per report."""
+    limit: int | None = None
+    """Evaluate only the first N samples of the split."""
+    ablate: Literal["blank", "shuffle"] | None = None
+    """Image-grounding check: rerun with black images or with images shuffled between samples."""
+    out: str | None = None
+    """Output root; results go to OUT/<split>[-<ablate>]/. Default: RUN/eval when an adapter run is given."""
+    temperature: float = 0.0
+    """0 = greedy (the comparable setting); above 0 samples."""
+    top_p: float = 1.0
+    """Nucleus mass when sampling."""
+    seed: int = 0
+    """Seed of sampling, of the shuffle ablation and of the bootstrap."""
+    dtype: str = "auto"
+    """Model dtype: auto, bf16, fp16, fp32."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the confidence intervals."""
+    workers: int = 1
+    """Processes for BLEU/ROUGE scoring."""
+
+
+def output_dir(cfg: EvalConfig) -> Path:
+    """OUT/<split>[-<ablate>] (see the module docstring)."""
+    if cfg.out:
+        root = Path(cfg.out)
+    elif cfg.adapter:
+        from radscribe.model.load import resolve_adapter
+
+        adapter = resolve_adapter(cfg.adapter)
+        root = (adapter.parent if adapter.name == "adapter" else adapter) / "eval"
+    else:
+        raise RadscribeError("evaluating a base model (no --adapter) needs --out DIR for the results")
+    return root / (f"{cfg.split}-{cfg.ablate}" if cfg.ablate else cfg.split)
+
+
+def evaluate(cfg: EvalConfig, engine=None) -> dict:
+    """Generate, score and save one split; returns scores.json's content. `engine` reuses a loaded Engine."""
+    from radscribe.data.dataset import read_split
+
+    out = output_dir(cfg)
+    samples = list(read_split(cfg.data, cfg.split))
+    if cfg.limit is not None:
+        samples = samples[:cfg.limit]
+    if not samples:
+        raise RadscribeError(f"{cfg.data}: split {cfg.split!r} has no samples")
+    if engine is None:
+        from radscribe.serve.engine import Engine
+
+        engine = Engine.from_pretrained(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, batch_size=cfg.batch_size)
+
+    real = None
+    if cfg.ablate:
+        # The drop is measured against real images on the same samples: reuse that eval when it exists.
+        real_cfg = dataclasses.replace(cfg, ablate=None)
+        real = _load_columns(output_dir(real_cfg), [s.id for s in samples])
+        if real is None:
+            evaluate(real_cfg, engine)
+            real = _load_columns(output_dir(real_cfg), [s.id for s in samples])
+
+    rows, runtime, steps = _predict(cfg, engine, samples)
+    result = score_rows(rows, cfg.n_boot, cfg.seed, cfg.workers)
+    predict_results = {**result["predict"], "predict_runtime": round(runtime, 4),
+                       "predict_samples_per_second": round(len(rows) / runtime, 3),
+                       "predict_steps_per_second": round(steps / runtime, 3)}
+    scores = {"n": len(rows), "split": cfg.split, "ablate": cfg.ablate, "predict_results": predict_results,
+              "metrics": result["metrics"], "config": dataclasses.asdict(cfg)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "generated_predictions.jsonl", rows)
+    _write_json(out / "predict_results.json", predict_results)
+    _write_json(out / "scores.json", scores)
+    _write_jsonl(out / "per_sample.jsonl", _per_sample_rows(rows, result["columns"]))
+    if real is not None:
+        scores["ablation"] = ablation_drop(real, result["columns"], cfg.n_boot, cfg.seed)
+        _write_json(out / "ablation.json", scores["ablation"])
+    print(format_scores(scores, title=f"{out}"))
+    return scores
+
+
+def _predict(cfg: EvalConfig, engine, samples) -> tuple[list[dict], float, int]:
+    """Generate one report per sample, `batch_size` at a time; images are loaded per batch."""
+    from tqdm import tqdm
+
+    from radscribe.data.dataset import to_chat
+    from radscribe.serve.engine import Request, load_request_image
+
+    image_of = _image_plan(cfg, samples)
+    rows, steps, start = [], 0, time.perf_counter()
+    with tqdm(total=len(samples), desc=f"eval {cfg.split}" + (f" ({cfg.ablate})" if cfg.ablate else ""),
+              unit="sample") as bar:
+        for first in range(0, len(samples), cfg.batch_size):
+            batch = samples[first:first + cfg.batch_size]
+            requests = []
+            for offset, sample in enumerate(batch):
+                images = [_ablated(load_request_image(p), cfg.ablate) for p in image_of(first + offset)]
+                prompt_turns = sample.messages[:_last_assistant(sample)]
+                requests.append(Request(messages=to_chat(prompt_turns, images), max_new_tokens=cfg.max_new_tokens,
+                                        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
+            answers = engine.generate(requests, batch_size=cfg.batch_size)
+            steps += 1
+            for sample, answer in zip(batch, answers):
+                row = {"prompt": sample.prompt, "predict": answer, "label": sample.report, "id": sample.id,
+                       "image": [str(p) for p in sample.images]}
+                if sample.truth:
+                    row["truth"] = sample.truth
+                rows.append(row)
+            bar.update(len(batch))
+    return rows, time.perf_counter() - start, steps
+
+
+def _image_plan(cfg: EvalConfig, samples):
+    """index -> the image paths shown for sample `index` (another sample's under the shuffle ablation)."""
+    if cfg.ablate != "shuffle":
+        return lambda i: samples[i].images
+    if len(samples) < 2:
+        raise RadscribeError("--ablate shuffle needs at least 2 samples")
+    # A random cycle: every sample gets some other sample's image, never its own.
+    order = list(range(len(samples)))
+    random.Random(cfg.seed).shuffle(order)
+    donor = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    return lambda i: samples[donor[i]].images
+
+
+def _ablated(image, ablate):
+    if ablate == "blank":
+        from PIL import Image
+
+        return Image.new("RGB", image.size, (0, 0, 0))
+    return image
+
+
+def _last_assistant(sample) -> int:
+    for i in range(len(sample.messages) - 1, -1, -1):
+        if sample.messages[i]["role"] == "assistant":
+            return i
+    raise RadscribeError(f"sample {sample.id} has no assistant message (the reference report)")
+
+
+# --- scoring -----------------------------------------------------------------------------------------------------
+def score_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0, workers: int = 1) -> dict:
+    """{"predict": LLaMA-Factory means, "metrics": name -> {value, low, high}, "columns": per-sample columns}."""
+    predicts, labels = [r["predict"] for r in rows], [r["label"] for r in rows]
+    per_sample = metrics.score_pairs(predicts, labels, workers=workers)
+    cols = {key: np.array([s[key] for s in per_sample]) for key in metrics.METRICS}
+    cols.update(findings.columns(predicts, labels, [r.get("truth") or {} for r in rows]))
+    return {"predict": metrics.aggregate(per_sample),
+            "metrics": stats.bootstrap(cols, statistics_for(cols), n_boot=n_boot, seed=seed),
+            "columns": cols}
+
+
+def statistics_for(cols: dict) -> dict:
+    """Every reported score: BLEU/ROUGE means, then the finding-level ratios."""
+    return {**stats.mean_statistics(metrics.METRICS), **findings.finding_statistics(cols)}
+
+
+def ablation_drop(real: dict, ablated: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """score -> {"real", "ablated", "drop" (real - ablated), "low", "high"} with a paired bootstrap CI of the drop."""
+    compared = stats.paired(ablated, real, statistics_for(real), n_boot=n_boot, seed=seed)
+    return {name: {"real": c["b"], "ablated": c["a"], "drop": c["diff"], "low": c["low"], "high": c["high"]}
+            for name, c in compared.items()}
+
+
+def score_file(path: str | Path, out: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
+               workers: int = 1) -> dict:
+    """`radscribe score`: score an existing prediction file (ours, LLaMA-Factory's or vLLM's)."""
+    rows = metrics.read_predictions(path)
+    start = time.perf_counter()
+    result = score_rows(rows, n_boot, seed, workers)
+    scores = {"n": len(rows), "source": str(path), "predict_results": result["predict"],
+              "metrics": result["metrics"], "score_runtime": round(time.perf_counter() - start, 4)}
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "scores.json", scores)
+        _write_json(out / "predict_results.json", result["predict"])
+        _write_jsonl(out / "per_sample.jsonl", _per_sample_rows(rows, result["columns"]))
+    print(format_scores(scores, title=str(path)))
+    return scores
+
+
+def format_scores(scores: dict, title: str = "") -> str:
+    """A plain-text table: score, value, 95 % CI (and the ablation drop when present)."""
+    ablation = scores.get("ablation") or {}
+    lines = [f"{title}: {scores['n']} samples"]
+    header = f"{'score':<28} {'value':>9}  {'95% CI':<19}"
+    lines.append(header + ("  drop on ablated images (95% CI)" if ablation else ""))
+    for name, m in scores["metrics"].items():
+        line = f"{name:<28} {_num(m['value']):>9}  [{_num(m['low'])}, {_num(m['high'])}]".ljust(len(header))
+        if name in ablation:
+            d = ablation[name]
+            line += f"  {_num(d['drop'])} [{_num(d['low'])}, {_num(d['high'])}]"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.2f}"
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+def _per_sample_rows(rows: list[dict], cols: dict) -> list[dict]:
+    return [{"id": r.get("id", i), **{k: float(v[i]) for k, v in cols.items()}} for i, r in enumerate(rows)]
+
+
+def load_per_sample(folder: str | Path) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    """(ids, columns) from an eval folder's per_sample.jsonl, or None when it has none."""
+    path = Path(folder) / "per_sample.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return None
+    keys = [k for k in rows[0] if k != "id"]
+    return [str(r["id"]) for r in rows], {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
+
+
+def _load_columns(folder: Path, ids: list[str]) -> dict | None:
+    loaded = load_per_sample(folder)
+    if loaded is None or loaded[0] != ids:
+        return None
+    return loaded[1]
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(_json_safe(data), ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _json_safe(value):
+    # An undefined ratio (NaN) is written as null: NaN is not JSON and browsers' JSON.parse rejects it.
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

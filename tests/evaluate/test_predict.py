@@ -1,0 +1,92 @@
+"""`radscribe eval` / `score`: files in LLaMA-Factory's format, scores that match, ablations that expose a model."""
+
+import json
+
+import pytest
+
+from radscribe.cli import main
+from radscribe.errors import RadscribeError
+from radscribe.evaluate import metrics
+from radscribe.evaluate.predict import EvalConfig, evaluate, output_dir
+from radscribe.data.dataset import read_split
+
+from eval_fixtures import report
+
+LF_KEYS = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime",
+           "predict_samples_per_second", "predict_steps_per_second"}
+
+
+def test_eval_with_tiny_model_writes_llamafactory_files(tiny_model_dir, small_dataset, tmp_path, capsys):
+    out = tmp_path / "evals"
+    code = main(["eval", "--model", str(tiny_model_dir("qwen3_vl")), "--data", str(small_dataset), "--limit", "5",
+                 "--batch-size", "4", "--max-new-tokens", "8", "--dtype", "fp32", "--n-boot", "100", "--out", str(out)])
+    assert code == 0
+    folder = out / "val"
+    rows = [json.loads(line) for line in (folder / "generated_predictions.jsonl").read_text().splitlines()]
+    expected = list(read_split(small_dataset, "val"))[:5]
+    assert [r["id"] for r in rows] == [s.id for s in expected]
+    assert [r["label"] for r in rows] == [s.report for s in expected]
+    assert all(list(r)[:3] == ["prompt", "predict", "label"] and r["image"] and r["truth"] for r in rows)
+    results = json.loads((folder / "predict_results.json").read_text())
+    assert set(results) == LF_KEYS
+    assert results["predict_samples_per_second"] > 0
+    rescored = metrics.aggregate(metrics.score_pairs([r["predict"] for r in rows], [r["label"] for r in rows]))
+    for key, value in rescored.items():
+        assert results[key] == pytest.approx(value, abs=1e-4)
+    scores = json.loads((folder / "scores.json").read_text())
+    assert scores["n"] == 5 and "truth_location_accuracy" in scores["metrics"]
+    assert "truth_location_accuracy" in capsys.readouterr().out  # the score table is printed
+    # `radscribe score` on the written file gives the same numbers
+    assert main(["score", str(folder / "generated_predictions.jsonl"), "--n-boot", "50", "--out", str(tmp_path / "s")]) == 0
+    again = json.loads((tmp_path / "s" / "predict_results.json").read_text())
+    assert all(again[k] == pytest.approx(results[k], abs=1e-4) for k in rescored)
+
+
+class OracleEngine:
+    """Reads the image perfectly: returns the true report of the exact image it is shown, else a normal report."""
+
+    def __init__(self, dataset):
+        from PIL import Image
+
+        self.known = {}
+        for split in ("train", "val"):
+            for s in read_split(dataset, split):
+                self.known[Image.open(s.images[0]).convert("RGB").tobytes()] = report(s.truth)
+
+    def generate(self, requests, batch_size=None):
+        answers = []
+        for r in requests:
+            image = next(p["image"] for p in r.messages[0]["content"] if p["type"] == "image")
+            answers.append(self.known.get(image.tobytes(), "这是一张图像，未见异常。"))
+        return answers
+
+
+class BlindEngine:
+    """Ignores the image: always the same plausible report."""
+
+    def generate(self, requests, batch_size=None):
+        return ["这是一张脑部CT图像，左上可见一个小的高密度结节。"] * len(requests)
+
+
+@pytest.mark.parametrize("ablate", ["blank", "shuffle"])
+def test_ablation_exposes_a_model_that_reads_the_image(small_dataset, tmp_path, ablate):
+    cfg = EvalConfig(model="unused", data=str(small_dataset), out=str(tmp_path / "o"), ablate=ablate, n_boot=200)
+    scores = evaluate(cfg, engine=OracleEngine(small_dataset))
+    real = json.loads((tmp_path / "o" / "val" / "scores.json").read_text())  # the real-image eval ran first
+    assert real["metrics"]["truth_all_accuracy"]["value"] == 100.0
+    drop = json.loads((output_dir(cfg) / "ablation.json").read_text())
+    assert drop.keys() == scores["ablation"].keys()
+    assert drop["truth_all_accuracy"]["real"] == 100.0
+    assert drop["truth_all_accuracy"]["drop"] > 50 and drop["truth_all_accuracy"]["low"] > 0
+    assert drop["rouge-l"]["drop"] > 0 and drop["rouge-l"]["real"] == 100.0
+
+
+def test_ablation_shows_no_drop_for_a_blind_model(small_dataset, tmp_path):
+    cfg = EvalConfig(model="unused", data=str(small_dataset), out=str(tmp_path / "o"), ablate="blank", n_boot=200)
+    scores = evaluate(cfg, engine=BlindEngine())
+    assert all(d["drop"] == 0 for d in scores["ablation"].values() if d["drop"] == d["drop"])
+
+
+def test_base_model_eval_needs_out(small_dataset):
+    with pytest.raises(RadscribeError, match="needs --out"):
+        output_dir(EvalConfig(model="m", data=str(small_dataset)))
