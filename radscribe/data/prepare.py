@@ -236,7 +236,8 @@ def _fingerprint(cfg: PrepareConfig) -> str:
     """Everything that decides the output bytes: the arguments (not workers/chunk size) and the input files."""
     from radscribe.data.sources import parquet_files
 
-    args = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows")}
+    # Not the output folder (a moved dataset is the same dataset), nor the de-identification secret.
+    args = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "out", "key")}
     files = []
     if cfg.inputs:
         files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in parquet_files(cfg.inputs)]
@@ -446,7 +447,7 @@ class _Ledger:
                       "train_groups": len(self.groups["train"]), "val_groups": len(self.groups["val"]),
                       "val_fraction": round(self.counts["val"] / max(1, self.counts["train"] + self.counts["val"]), 4),
                       "groups_on_both_sides": len(self.groups["train"] & self.groups["val"])},
-            "arguments": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "key")},
+            "arguments": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "key", "out")},
             "fingerprint": self.fingerprint,
         }
         assert summary["train"] + summary["val"] + rejects == summary["input_rows"], "a row was lost"

@@ -1,0 +1,294 @@
+"""radscribe prepare: nothing lost, byte-exact images, deterministic grouped split, prompts, resume after SIGKILL."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from radscribe.cli import main as cli_main
+from radscribe.data.dataset import read_split
+from radscribe.data.prepare import DEFAULT_PROMPTS, PrepareConfig, prepare, sanitise_id, split_of
+from radscribe.data.sources import Row
+from radscribe.errors import RadscribeError
+
+
+def _image(seed: int, fmt: str = "JPEG", size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _parquet(path: Path, records: list[dict], row_group_size: int = 8) -> Path:
+    images = [None if r.get("image") is None else {"bytes": r["image"], "path": r.get("path", f"{r['id']}.jpg")}
+              for r in records]
+    table = pa.table({"image": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      "id": [r["id"] for r in records], "caption": [r.get("caption", f"report {r['id']}")
+                                                                     for r in records],
+                      "patient": [r.get("patient", r["id"]) for r in records]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file: the checksum of an output tree."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _rows(folder: Path, split: str) -> list[dict]:
+    text = (folder / f"{split}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _planted(tmp_path: Path) -> Path:
+    good = [{"id": f"good-{i}", "image": _image(i)} for i in range(10)]
+    jpeg = _image(100)
+    bad = [
+        {"id": "truncated", "image": jpeg[: len(jpeg) // 2]},
+        {"id": "text", "image": b"this is not an image at all"},
+        {"id": "null", "image": None},
+        {"id": "blank", "image": _image(101), "caption": "   \n"},
+        {"id": "good-3", "image": _image(102)},  # duplicate id, different picture
+        {"id": "bmp", "image": _image(103, "BMP"), "path": "bmp.bmp"},
+        {"id": "big", "image": _image(104, size=200)},  # over the pixel limit set below
+        {"id": "same-pixels-as-good-0", "image": _image(0)},
+    ]
+    return _parquet(tmp_path / "planted.parquet", good[:5] + bad + good[5:])
+
+
+def test_planted_bad_rows_are_accounted_for(tmp_path):
+    src = _planted(tmp_path)
+    out = tmp_path / "ds"
+    summary = prepare(PrepareConfig(inputs=[str(src)], out=str(out), max_pixels=100 * 100, workers=1, chunk_rows=4))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    reasons = {r["id"]: r["reason"] for r in rejects}
+    assert reasons == {"truncated": "truncated image", "text": "non-image bytes", "null": "null image",
+                       "blank": "empty caption", "good-3": "duplicate id", "big": "image over pixel limit"}
+    assert all(r["source"] == str(src) for r in rejects)
+    assert {r["id"]: r["row"] for r in rejects}["null"] == 7
+    assert summary["input_rows"] == 18 == summary["train"] + summary["val"] + summary["rejects"]
+    assert summary["rejects"] == 6 and sum(summary["reasons"].values()) == 6
+    assert summary["reasons"]["duplicate id"] == 1
+    kept = _rows(out, "train") + _rows(out, "val")
+    assert len(kept) == 12 and len({r["id"] for r in kept}) == 12
+    # The duplicate id's different picture was not left behind in images/.
+    assert len(list((out / "images").iterdir())) == summary["images_stored"] == 11
+    assert summary["duplicate_image_rows"] == 1
+
+
+def test_images_are_byte_exact_deduplicated_and_other_formats_become_lossless_png(tmp_path):
+    src = _planted(tmp_path)
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), max_pixels=100 * 100, workers=1))
+    by_id = {r["id"]: r for r in _rows(out, "train") + _rows(out, "val")}
+    for i in range(10):
+        assert (out / by_id[f"good-{i}"]["images"][0]).read_bytes() == _image(i)
+    # The same pixels under another id are stored once and referenced twice.
+    assert by_id["same-pixels-as-good-0"]["images"] == by_id["good-0"]["images"]
+    bmp = out / by_id["bmp"]["images"][0]
+    assert bmp.suffix == ".png"
+    original = np.asarray(Image.open(io.BytesIO(_image(103, "BMP"))))
+    assert np.array_equal(np.asarray(Image.open(bmp)), original)
+    name = Path(by_id["good-1"]["images"][0]).name
+    assert name == f"good-1-{hashlib.sha256(_image(1)).hexdigest()[:12]}.jpg"
+
+
+def test_hostile_ids_cannot_escape_the_output_folder(tmp_path):
+    ids = ["../../escape", "/etc/passwd", "a/b\\c", "..", "x" * 300, "患者-1"]
+    src = _parquet(tmp_path / "p.parquet", [{"id": i, "image": _image(n)} for n, i in enumerate(ids)])
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), workers=1, val_ratio=0.0))
+    files = list((out / "images").iterdir())
+    assert len(files) == len(ids)
+    for f in files:
+        assert f.resolve().parent == (out / "images").resolve()
+        assert len(f.name.rsplit("-", 1)[0]) <= 64 and not f.name.startswith(".")
+    assert [r["id"] for r in _rows(out, "train")] == ids  # the id itself is kept verbatim as data
+    assert sanitise_id("../../escape") == "_.._escape" and sanitise_id("..") == "row"
+    assert not (tmp_path / "escape").exists()
+
+
+def test_output_matches_the_contract_and_reads_back(tmp_path):
+    from radscribe.data.synth import synth
+
+    synth(out=str(tmp_path / "synth"), n=40, size=32, slices_per_patient=4)
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(inputs=[str(tmp_path / "synth")], out=str(out), group_by="patient", workers=1,
+                          val_ratio=0.3))
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["radscribe_train"] == {
+        "file_name": "train.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+    assert info["radscribe_val"]["file_name"] == "val.json"
+    row = _rows(out, "train")[0]
+    assert set(row) == {"id", "messages", "images", "group", "truth"}
+    assert row["messages"][0] == {"role": "user", "content": DEFAULT_PROMPTS["zh"]}
+    assert row["messages"][1]["role"] == "assistant" and row["images"][0].startswith("images/")
+    samples = list(read_split(out, "train")) + list(read_split(out, "val"))
+    assert len(samples) == 40 and all(s.images[0].is_file() for s in samples)
+    assert {s.truth["finding"] for s in samples} <= {"nodule", "mass", "cyst", "hemorrhage", "normal"}
+    # Grouped split: every patient on one side only.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["split"]["groups_on_both_sides"] == 0
+    assert summary["split"]["train_groups"] + summary["split"]["val_groups"] == 10
+    train_groups = {r["group"] for r in _rows(out, "train")}
+    val_groups = {r["group"] for r in _rows(out, "val")}
+    assert val_groups and train_groups and not train_groups & val_groups
+
+
+def test_split_is_deterministic_and_stable_when_rows_are_added(tmp_path):
+    small = _parquet(tmp_path / "small.parquet", [{"id": f"r{i}", "image": _image(i)} for i in range(30)])
+    large = _parquet(tmp_path / "large.parquet", [{"id": f"r{i}", "image": _image(i)} for i in range(60)])
+    prepare(PrepareConfig(inputs=[str(small)], out=str(tmp_path / "a"), val_ratio=0.3, workers=1))
+    prepare(PrepareConfig(inputs=[str(large)], out=str(tmp_path / "b"), val_ratio=0.3, workers=1))
+    val_a = {r["id"] for r in _rows(tmp_path / "a", "val")}
+    val_b = {r["id"] for r in _rows(tmp_path / "b", "val")}
+    assert val_a == {i for i in val_b if int(i[1:]) < 30} and val_a
+    assert val_a == {f"r{i}" for i in range(30) if split_of(f"r{i}", 0.3) == "val"}
+    fractions = [split_of(f"id-{i}", 0.1) for i in range(5000)]
+    assert 0.085 < fractions.count("val") / 5000 < 0.115
+
+
+def test_prompts_lang_custom_and_sampled_file(tmp_path):
+    src = _parquet(tmp_path / "p.parquet", [{"id": f"r{i}", "image": _image(i)} for i in range(40)])
+
+    def user_prompts(name, **kw):
+        prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / name), workers=1, val_ratio=0.0, **kw))
+        return [r["messages"][0]["content"] for r in _rows(tmp_path / name, "train")]
+
+    assert set(user_prompts("en", lang="en")) == {DEFAULT_PROMPTS["en"]}
+    assert set(user_prompts("custom", prompt="Describe the scan.")) == {"<image>Describe the scan."}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Findings?\n<image>Report please.\n\nImpression?\n", encoding="utf-8")
+    sampled = user_prompts("file", prompts_file=str(prompts), seed=7)
+    assert set(sampled) == {"<image>Findings?", "<image>Report please.", "<image>Impression?"}
+    assert sampled == user_prompts("file2", prompts_file=str(prompts), seed=7)
+    assert sampled != user_prompts("file3", prompts_file=str(prompts), seed=8)
+    assert all(p.count("<image>") == 1 for p in sampled)
+    with pytest.raises(RadscribeError, match="2 <image> placeholders"):
+        prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "x"), prompt="<image><image>?"))
+
+
+def test_jsonl_format(tmp_path):
+    src = _parquet(tmp_path / "p.parquet", [{"id": f"r{i}", "image": _image(i)} for i in range(12)])
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), format="jsonl", workers=1, val_ratio=0.25))
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["radscribe_train"]["file_name"] == "train.jsonl" and not (out / "train.json").exists()
+    lines = (out / "train.jsonl").read_text().splitlines() + (out / "val.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and all(json.loads(line)["images"] for line in lines)
+    assert len(list(read_split(out, "train"))) + len(list(read_split(out, "val"))) == 12
+
+
+def test_rerun_is_a_noop_and_other_arguments_are_refused(tmp_path, capsys):
+    src = _parquet(tmp_path / "p.parquet", [{"id": f"r{i}", "image": _image(i)} for i in range(6)])
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), workers=1))
+    before = _tree(out)
+    mtime = (out / "train.json").stat().st_mtime_ns
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), workers=2, chunk_rows=2))
+    assert "nothing to do" in capsys.readouterr().out
+    assert _tree(out) == before and (out / "train.json").stat().st_mtime_ns == mtime
+    with pytest.raises(RadscribeError, match="other arguments"):
+        prepare(PrepareConfig(inputs=[str(src)], out=str(out), val_ratio=0.5, workers=1))
+
+
+def test_resume_from_a_torn_checkpoint_gives_identical_output(tmp_path, monkeypatch):
+    """A crash after checkpoint k leaves extra bytes in the partial files and stray images; resume cleans up."""
+    src = _planted(tmp_path)
+    args = dict(inputs=[str(src)], max_pixels=100 * 100, workers=1, chunk_rows=3)
+    prepare(PrepareConfig(out=str(tmp_path / "whole"), **args))
+
+    out = tmp_path / "torn"
+    rows_seen = []
+
+    class Crash(Exception):
+        pass
+
+    from radscribe.data import prepare as prepare_module
+
+    real = prepare_module._open_rows
+
+    def crashing_rows(cfg, start):
+        rows, total, deid = real(cfg, start)
+
+        def gen():
+            for row in rows:
+                rows_seen.append(row.id)
+                if len(rows_seen) == 11:
+                    raise Crash()
+                yield row
+        return gen(), total, deid
+
+    monkeypatch.setattr(prepare_module, "_open_rows", crashing_rows)
+    with pytest.raises(Crash):
+        prepare(PrepareConfig(out=str(out), **args))
+    monkeypatch.setattr(prepare_module, "_open_rows", real)
+    state = json.loads((out / ".prepare_state.json").read_text())
+    assert 0 < state["rows_done"] < 18
+    with open(out / "train.json.partial", "ab") as f:
+        f.write(b'{"id": "torn half row')
+    (out / "images" / ".tmp-999-stray.jpg").write_bytes(b"half")
+    prepare(PrepareConfig(out=str(out), **args))
+    assert _tree(out) == _tree(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_identical_checksums(tmp_path):
+    from radscribe.data.synth import synth
+
+    synth(out=str(tmp_path / "synth"), n=1200, size=64, shard_rows=400)
+    cmd = [sys.executable, "-m", "radscribe.cli", "prepare", str(tmp_path / "synth"), "--group-by", "patient",
+           "--workers", "2"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / ".prepare_state.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill once a few chunks are committed, well before the end
+        if state.is_file() and json.loads(state.read_text() or "{}").get("rows_done", 0) >= 256:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True)
+    assert _tree(out) == _tree(tmp_path / "whole")
+    assert json.loads((out / "summary.json").read_text())["input_rows"] == 1200
+
+
+def test_medical_rows_rejects_and_deid_report(tmp_path, monkeypatch):
+    import radscribe.data.medical as medical
+
+    def fake_medical_rows(opts, deid):
+        assert opts.dicom == str(tmp_path) and opts.window == "lung" and opts.keep_ids is False
+        deid["removed_tags"] = ["PatientName"]
+        yield Row(id="pseudo-1", image=_image(1, "PNG"), caption="ct report", source="a.dcm", index=0, group="p1")
+        yield Row(id="pseudo-2", image=None, caption="x", source="b.dcm", index=0, reject="burned-in annotation")
+
+    monkeypatch.setattr(medical, "medical_rows", fake_medical_rows, raising=False)
+    out = tmp_path / "ds"
+    summary = prepare(PrepareConfig(dicom=str(tmp_path), reports="r.csv", window="lung", out=str(out), workers=1))
+    assert summary["input_rows"] == 2 and summary["reasons"] == {"burned-in annotation": 1}
+    assert json.loads((out / "deid_report.json").read_text()) == {"removed_tags": ["PatientName"]}
+
+
+def test_cli_wrong_schema_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": ["t"]}), bad)
+    assert cli_main(["prepare", str(bad), "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("radscribe prepare: error:") and str(bad) in err
+    assert "image, caption" in err
