@@ -229,7 +229,7 @@ def read_dicom(source: Source, *, name: str | None = None, header_only: bool = F
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         return pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as err:
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as err:
         raise RadscribeError(f"{_label(source, name)}: not a readable DICOM file ({err})") from None
 
 

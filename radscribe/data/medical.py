@@ -80,6 +80,8 @@ UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PATH_KEYS = ("file", "path", "filename", "file_name")
 PATIENT_KEYS = ("patient", "patient_id", "PatientID")
 REPORT_KEY = "report"
+HEADER_KEPT = (*UID_KEYS, "PatientID", "BurnedInAnnotation", "ImagePositionPatient", "ImageOrientationPatient",
+               "InstanceNumber")
 BURNED_IN_REASON = "Burned In Annotation (0028,0301) is YES: PHI may be in the pixels (--allow-burned-in to accept)"
 
 
@@ -94,8 +96,8 @@ class _Volume:
     """dicom | nifti"""
     listing_index: int
     """Position in the sorted listing of its folder (the rejects ledger's row when ids are pseudonymised)."""
-    header: object = None
-    """pydicom Dataset read without pixels, for DICOM."""
+    header: dict | None = None
+    """DICOM only: the `HEADER_KEPT` attributes, read without pixels."""
     frames: int = 1
     error: str | None = None
 
@@ -242,7 +244,9 @@ def _read_header(vol: _Volume, deid: dict) -> None:
             if "Rows" not in ds or "Columns" not in ds:
                 # force=True parses almost any bytes; an image has at least its matrix size.
                 raise RadscribeError(f"{vol.path}: not a readable DICOM image (no Rows/Columns)")
-            vol.header, vol.frames = ds, dicom_frame_count(ds)
+            # Keep only what joins, sorting and the burned-in check need: headers of 100k files stay small.
+            vol.header = {k: ds.get(k) for k in HEADER_KEPT if ds.get(k) is not None}
+            vol.frames = dicom_frame_count(ds)
             for keyword in IDENTIFYING_TAGS:
                 if keyword in ds and ds[keyword].value not in (None, "", b"", []):
                     dropped[keyword] = dropped.get(keyword, 0) + 1
