@@ -1,0 +1,325 @@
+"""The OpenAI-compatible API over real HTTP (uvicorn on 127.0.0.1 in a thread).
+
+A scripted engine stands in for the model where the point is the HTTP layer (refusals, batching, SSE format);
+the official `openai` client runs against the tiny Qwen3-VL model through the real engine.
+"""
+
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from radscribe.data.imaging import load_image
+from radscribe.serve.api import ServeConfig, create_app, data_uri, serve_in_thread
+from radscribe.serve.safety import ImagePolicy
+
+
+def png(size=(32, 24), mode="RGB", color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def ct_small() -> bytes:
+    from pydicom.data import get_testdata_file
+
+    return open(get_testdata_file("CT_small.dcm", download=False), "rb").read()
+
+
+class ScriptedEngine:
+    """Answers from what it was given: the size of each image and the last user text; records every call."""
+
+    def __init__(self, delay_s=0.0):
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.images: list[Image.Image] = []
+        self.requests = []
+
+    def _answer(self, request):
+        sizes, text = [], ""
+        for m in request.messages:
+            for part in m["content"]:
+                if part["type"] == "image":
+                    self.images.append(part["image"])
+                    sizes.append("x".join(map(str, part["image"].size)))
+                elif m["role"] == "user":
+                    text = part["text"]
+        return f"report {' '.join(sizes) or 'no-image'} for {text}"
+
+    def generate(self, requests):
+        self.batches.append(len(requests))
+        self.requests.extend(requests)
+        time.sleep(self.delay_s)
+        return [self._answer(r) for r in requests]
+
+    def stream(self, request):
+        self.requests.append(request)
+        for word in self._answer(request).split(" "):
+            yield word + " "
+
+
+def user(text, *images, window=None):
+    parts = [{"type": "image_url", "image_url": {"url": url, **({"window": window} if window else {})}}
+             for url in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    engine = ScriptedEngine()
+    cfg = ServeConfig(model_name="tiny", max_body_bytes=2 * 1024 * 1024, max_tokens_limit=64,
+                      images=ImagePolicy(max_image_bytes=1024 * 1024))
+    with serve_in_thread(create_app(engine, cfg)) as url:
+        yield engine, url
+
+
+def healthy(url):
+    """The server still answers, and still generates."""
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [user("ping")]})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "report no-image for ping"
+
+
+def test_models_health_and_a_plain_completion(scripted):
+    engine, url = scripted
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny"
+    body = {"model": "tiny", "max_tokens": 16,
+            "messages": [user("图片中的诊断结果是怎样?", data_uri(png((32, 24)), "image/png"))]}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body).json()
+    assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": "report 32x24 for 图片中的诊断结果是怎样?"}
+    assert engine.requests[-1].max_new_tokens == 16 and engine.requests[-1].temperature == 0.0
+
+
+@pytest.mark.parametrize("media, make", [("image/jpeg", "JPEG"), ("image/webp", "WEBP")])
+def test_jpeg_and_webp_data_uris(scripted, media, make):
+    _, url = scripted
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 90, 0)).save(buf, format=make)
+    reply = httpx.post(f"{url}/v1/chat/completions",
+                       json={"messages": [user("q", data_uri(buf.getvalue(), media))]}).json()
+    assert reply["choices"][0]["message"]["content"] == "report 40x30 for q"
+
+
+def test_dicom_is_windowed_server_side_by_the_one_loader(scripted):
+    engine, url = scripted
+    dicom = ct_small()
+    for window in ("lung", "bone"):
+        reply = httpx.post(f"{url}/v1/chat/completions",
+                           json={"messages": [user("q", data_uri(dicom, "application/dicom"), window=window)]})
+        assert reply.json()["choices"][0]["message"]["content"] == "report 128x128 for q"
+        assert engine.images[-1].tobytes() == load_image(dicom, window=window).tobytes()
+    preview = httpx.post(f"{url}/v1/preview", json={"image_url": data_uri(dicom, "application/dicom"),
+                                                    "window": "lung"})
+    assert preview.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(preview.content)).convert("RGB").tobytes() == load_image(dicom, "lung").tobytes()
+
+
+def test_sse_stream_is_openai_chunks_then_done(scripted):
+    _, url = scripted
+    body = {"model": "tiny", "stream": True, "messages": [user("stream me")]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["choices"][0]["delta"] == {}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == "report no-image for stream me "
+    assert len(chunks) == 2 + 5  # role chunk, one per word, finish chunk
+
+
+def test_follow_up_turns_keep_the_image_in_the_history(scripted):
+    engine, url = scripted
+    messages = [user("first", data_uri(png((20, 10)), "image/png")),
+                {"role": "assistant", "content": "report 20x10 for first"},
+                {"role": "user", "content": "and the left side?"}]
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages}).json()
+    assert reply["choices"][0]["message"]["content"] == "report 20x10 for and the left side?"
+    assert [m["role"] for m in engine.requests[-1].messages] == ["user", "assistant", "user"]
+
+
+def _huge_png() -> bytes:
+    # 5000 x 5000 = 25 M pixels (over the 16.7 M default), a few KB on the wire: a decompression bomb in miniature.
+    return png((5000, 5000), mode="1")
+
+
+BAD_REQUESTS = [
+    # (name, raw body or json, expected status, expected error code or param fragment)
+    ("malformed JSON", b'{"messages": [', 400, "invalid_json"),
+    ("JSON that is not an object", b"[1, 2]", 400, "invalid_json"),
+    ("not UTF-8", b"\xff\xfe{", 400, "invalid_json"),
+    ("no messages", {"model": "tiny"}, 400, "messages"),
+    ("unknown model", {"model": "gpt-4o", "messages": [user("q")]}, 404, "model_not_found"),
+    ("max_tokens over the limit", {"messages": [user("q")], "max_tokens": 100000}, 400, "max_tokens"),
+    ("negative temperature", {"messages": [user("q")], "temperature": -1}, 400, "temperature"),
+    ("n > 1", {"messages": [user("q")], "n": 3}, 400, "n"),
+    ("bad role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]"),
+    ("bad part", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0]"),
+    ("file:// URL", {"messages": [user("q", "file:///etc/passwd")]}, 403, "local_files_disabled"),
+    ("path traversal", {"messages": [user("q", "../../../../etc/passwd")]}, 403, "local_files_disabled"),
+    ("encoded traversal", {"messages": [user("q", "%2e%2e/%2e%2e/etc/passwd")]}, 403, "local_files_disabled"),
+    ("loopback http URL", {"messages": [user("q", "http://127.0.0.1:22/x.png")]}, 403, "fetch_disabled"),
+    ("metadata http URL", {"messages": [user("q", "http://169.254.169.254/latest")]}, 403, "fetch_disabled"),
+    ("svg data URI", {"messages": [user("q", "data:image/svg+xml;base64,PHN2Zz4=")]}, 415, "unsupported_media_type"),
+    ("bytes that are no image", {"messages": [user("q", data_uri(b"MZ" + b"\0" * 300, "image/png"))]}, 415,
+     "unsupported_media_type"),
+    ("truncated PNG", {"messages": [user("q", data_uri(png()[:40], "image/png"))]}, 400, "image_url"),
+    ("unknown window", {"messages": [user("q", data_uri(ct_small(), "application/dicom"), window="foo")]}, 400,
+     "image_url"),
+    ("too many images", {"messages": [user("q", *[data_uri(png(), "image/png")] * 5)]}, 400, "more than 4"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, marker", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(scripted, name, body, status, marker):
+    _, url = scripted
+    if isinstance(body, bytes):
+        reply = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert marker in json.dumps(error)
+    healthy(url)
+
+
+def test_huge_images_and_bodies_are_413(scripted):
+    _, url = scripted
+    huge = _huge_png()
+    assert len(huge) < 100_000
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("q", data_uri(huge, "image/png"))]})
+    assert reply.status_code == 413 and "5000x5000" in reply.json()["error"]["message"]
+    healthy(url)
+    # A body over max_body_bytes (2 MiB here) is refused from its Content-Length, before it is parsed...
+    reply = httpx.post(f"{url}/v1/chat/completions", content=b" " * (3 * 1024 * 1024),
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "body_too_large"
+    healthy(url)
+
+    # ...and a chunked body with no Content-Length is cut off once it passes the limit.
+    def chunks():
+        for _ in range(40):
+            yield b" " * 100_000
+
+    reply = httpx.post(f"{url}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert reply.status_code == 413
+    healthy(url)
+    # An image over max_image_bytes (1 MiB) inside a body under the body limit.
+    big = png() + b"\0" * (1024 * 1024 + 10)
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("q", data_uri(big, "image/png"))]})
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "image_too_large"
+    healthy(url)
+
+
+def test_unknown_paths_and_methods_are_json_errors(scripted):
+    _, url = scripted
+    assert httpx.get(f"{url}/v1/nothing").json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{url}/v1/chat/completions").status_code == 405
+    assert httpx.get(f"{url}/web/../../etc/passwd").status_code == 404
+    healthy(url)
+
+
+def test_allow_listed_hosts_still_refuse_private_and_loopback_addresses(tmp_path):
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "ok.png").write_bytes(png((12, 8)))
+    (tmp_path / "secret.png").write_bytes(png((13, 9)))
+    cfg = ServeConfig(images=ImagePolicy(allow_hosts=["127.0.0.1", "localhost", "10.0.0.1"], allow_folder=allowed))
+    with serve_in_thread(create_app(ScriptedEngine(), cfg)) as url:
+        for target in ("http://127.0.0.1:1/x.png", "http://localhost/x.png", "https://10.0.0.1/x.png",
+                       f"{url}/web/app.js"):
+            reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("q", target)]})
+            assert reply.status_code == 403 and "non-public address" in reply.json()["error"]["message"], target
+        reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("q", "ok.png")]})
+        assert reply.json()["choices"][0]["message"]["content"] == "report 12x8 for q"
+        for target in ("../secret.png", f"file://{tmp_path}/secret.png", f"file://{allowed}/../secret.png"):
+            reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("q", target)]})
+            assert reply.status_code == 403 and reply.json()["error"]["code"] == "path_not_allowed", target
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_api_key_is_required_when_set():
+    cfg = ServeConfig(api_key="s3cret")
+    with serve_in_thread(create_app(ScriptedEngine(), cfg)) as url:
+        body = {"messages": [user("q")]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 401
+        wrong = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        right = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert right.status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/").status_code == 200
+
+
+def _fire(url, n):
+    answers = [None] * n
+
+    def client(i):
+        body = {"messages": [user(f"request {i}")], "max_tokens": 8}
+        answers[i] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def test_concurrent_requests_are_batched_and_answers_stay_matched():
+    engine = ScriptedEngine(delay_s=0.2)
+    with serve_in_thread(create_app(engine, ServeConfig(max_batch=8, batch_wait_ms=20))) as url:
+        answers = _fire(url, 8)
+    assert [a["choices"][0]["message"]["content"] for a in answers] == [f"report no-image for request {i}"
+                                                                        for i in range(8)]
+    assert sum(engine.batches) == 8
+    # While the first group generates (0.2 s) the rest queue up, so at most two generate calls serve eight.
+    assert len(engine.batches) <= 2 and max(engine.batches) >= 4
+
+
+def test_batching_off_serves_one_request_per_generate_call():
+    engine = ScriptedEngine(delay_s=0.01)
+    with serve_in_thread(create_app(engine, ServeConfig(max_batch=1))) as url:
+        answers = _fire(url, 4)
+    assert all(a["choices"][0]["message"]["content"].startswith("report") for a in answers)
+    assert engine.batches == [1, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    from radscribe.model.tiny import build_tiny_model
+    from radscribe.serve.engine import Engine
+
+    model_dir = build_tiny_model("qwen3_vl", tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return Engine.from_pretrained(model_dir, device="cpu")
+
+
+def test_openai_client_works_unchanged_against_the_tiny_model(tiny_engine):
+    import openai
+
+    cfg = ServeConfig(model_name="radscribe-tiny", api_key="k-123")
+    with serve_in_thread(create_app(tiny_engine, cfg)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k-123", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["radscribe-tiny"]
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(png((64, 64)), "image/png")}},
+            {"type": "text", "text": "图片中的诊断结果是怎样?"}]}]
+        completion = client.chat.completions.create(model="radscribe-tiny", messages=messages, max_tokens=12)
+        text = completion.choices[0].message.content
+        assert completion.choices[0].finish_reason in ("stop", "length") and text
+        stream = client.chat.completions.create(model="radscribe-tiny", messages=messages, max_tokens=12,
+                                                stream=True)
+        pieces = [c.choices[0].delta.content or "" for c in stream]
+        assert "".join(pieces) == text  # greedy: the stream spells out the same answer
+        assert len([p for p in pieces if p]) >= 2  # and it arrived in pieces
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            client.chat.completions.create(model="radscribe-tiny", messages=messages, max_tokens=10**6)
