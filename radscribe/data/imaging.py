@@ -15,8 +15,8 @@ See docs/medical.md for the window table, its sources and the orientation conven
 
 from __future__ import annotations
 
-import gzip
 import io
+import math
 import warnings
 import zlib
 from pathlib import Path
@@ -40,6 +40,11 @@ WINDOWS: dict[str, tuple[float, float]] = {
 
 # window="multi": one CT window per RGB channel, chosen to span body CT (soft tissue, air, bone).
 MULTI_WINDOW: tuple[str, str, str] = ("soft_tissue", "lung", "bone")
+
+# Volumes (NIfTI, multi-frame DICOM) with more voxels are refused before reading pixels: 512^3 fits, as float32
+# 512 MiB. A NIfTI given as bytes (an upload) may inflate to at most MAX_NIFTI_BYTES.
+MAX_VOXELS = 512 ** 3
+MAX_NIFTI_BYTES = 1 << 30
 
 # Larger images are refused before decoding (a decompression bomb, or a scan no VLM should see whole):
 # 8192 x 8192 covers mammography and whole-slide thumbnails.
@@ -253,6 +258,9 @@ def dicom_pixels(ds, *, label: str | None = None) -> np.ndarray:
     pixels = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0))
     if pixels > MAX_PIXELS:
         raise RadscribeError(f"{label}: {ds.Rows}x{ds.Columns} pixels is over the limit of {MAX_PIXELS}")
+    if pixels * dicom_frame_count(ds) > MAX_VOXELS:
+        raise RadscribeError(f"{label}: {dicom_frame_count(ds)} frames of {ds.Rows}x{ds.Columns} is over the limit "
+                             f"of {MAX_VOXELS} voxels")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         return ds.pixel_array
@@ -321,19 +329,18 @@ def read_nifti(source: Source, *, name: str | None = None):
     label = _label(source, name)
     try:
         if isinstance(source, bytes):
-            data = gzip.decompress(source) if source[:2] == b"\x1f\x8b" else source
-            if int.from_bytes(data[:4], "little") == 540 or int.from_bytes(data[:4], "big") == 540:
-                img = nib.Nifti2Image.from_bytes(data)
-            else:
-                img = nib.Nifti1Image.from_bytes(data)
+            img = _nifti_from_bytes(nib, source, label)
         else:
             img = nib.load(str(source))
         shape = img.shape
         if len(shape) < 2:
             raise RadscribeError(f"{label}: NIfTI has {len(shape)} dimension(s); need a 2-D image or 3-D volume")
+        if math.prod(shape[:3]) > MAX_VOXELS:
+            raise RadscribeError(f"{label}: a {'x'.join(map(str, shape[:3]))} volume is over the limit of "
+                                 f"{MAX_VOXELS} voxels")
         # 4-D (and higher) series: the first volume only (slicing the proxy reads just that volume).
         index = (slice(None),) * 3 + (0,) * (len(shape) - 3) if len(shape) > 3 else ...
-        volume = np.asanyarray(img.dataobj[index], dtype=np.float64)
+        volume = np.asanyarray(img.dataobj[index], dtype=np.float32)
         if volume.ndim == 2:
             volume = volume[..., None]
         first = nib.Nifti1Image(volume, img.affine)
@@ -344,6 +351,25 @@ def read_nifti(source: Source, *, name: str | None = None):
     except Exception as err:  # nibabel raises many types (HeaderDataError, ImageFileError, EOFError, ...)
         raise RadscribeError(f"{label}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
     return canonical, img.header
+
+
+def _nifti_from_bytes(nib, source: bytes, label: str):
+    """A NIfTI image from bytes (uploads), refusing sizes over the limits before inflating a .nii.gz (gzip bomb)."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if source[:2] == b"\x1f\x8b" else None
+    head = inflate.decompress(source, 540) if inflate else source[:540]
+    two = 540 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
+    header_cls, image_cls = (nib.Nifti2Header, nib.Nifti2Image) if two else (nib.Nifti1Header, nib.Nifti1Image)
+    header = header_cls.from_fileobj(io.BytesIO(head))
+    shape = header.get_data_shape()
+    size = int(header["vox_offset"]) + math.prod(shape) * header.get_data_dtype().itemsize
+    if math.prod(shape[:3]) > MAX_VOXELS or size > MAX_NIFTI_BYTES:
+        raise RadscribeError(f"{label}: a {'x'.join(map(str, shape))} NIfTI is over the upload limits "
+                             f"({MAX_VOXELS} voxels a volume, {MAX_NIFTI_BYTES} bytes)")
+    if inflate is None:
+        return image_cls.from_bytes(source)
+    # Inflate the rest (the 540 header bytes are already out), never past the size the header announces.
+    data = head + inflate.decompress(inflate.unconsumed_tail, size - len(head) + 1)
+    return image_cls.from_bytes(data)
 
 
 def nifti_auto_window(header, volume: np.ndarray) -> tuple[str, float, float]:
@@ -378,7 +404,7 @@ def nifti_images(source: Source, window, choose, *, name: str | None = None,
     if plane not in PLANES:
         raise RadscribeError(f"{label}: plane {plane!r} is not one of {', '.join(PLANES)}")
     canonical, header = read_nifti(source, name=name)
-    volume = np.asanyarray(canonical.dataobj, dtype=np.float64)
+    volume = np.asanyarray(canonical.dataobj, dtype=np.float32)
     zooms = [float(z) for z in canonical.header.get_zooms()[:3]]
     auto = nifti_auto_window(header, volume) if window in (None, "auto") else ("range", 0.0, 0.0)
     axis = PLANES[plane]

@@ -346,3 +346,20 @@ def test_missing_nibabel_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)  # makes `import nibabel` raise ImportError
     with pytest.raises(RadscribeError, match=r"radscribe\[nifti\]"):
         load_image(ANATOMICAL)
+
+
+def test_nifti_upload_announcing_a_huge_volume_is_refused_before_inflating():
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 2048))
+    header.set_data_dtype(np.int16)
+    buf = io.BytesIO()
+    header.write_to(buf)
+    bomb = gzip.compress(buf.getvalue() + b"\x00" * 4 + b"\x00" * (1 << 20))  # 1 MiB of zeros, not 16 GiB
+    with pytest.raises(RadscribeError, match="over the upload limits"):
+        load_image(bomb)
+
+
+def test_nifti_upload_truncated_is_a_clear_error():
+    data = gzip.compress(gzip.decompress(EXAMPLE4D.read_bytes())[:5000])
+    with pytest.raises(RadscribeError, match="not a readable NIfTI"):
+        load_image(data)
