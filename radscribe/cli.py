@@ -211,7 +211,17 @@ def cmd_audit(sub) -> None:
 
 def cmd_report(sub) -> None:
     p = sub.add_parser("report", help="self-contained HTML + Markdown report of one or more runs")
-    p.set_defaults(handler=lambda a: _todo("report"))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or eval output folders; the first is the baseline")
+    p.add_argument("--out", default=None, help="output folder (default FIRST_RUN/report)")
+    p.add_argument("--samples", type=int, default=6, help="sample images shown with their reports")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the paired comparisons")
+
+    def run(a):
+        from radscribe.evaluate.report import report
+
+        report(a.runs, out=a.out, n_samples=a.samples, n_boot=a.n_boot)
+
+    p.set_defaults(handler=run)
 
 
 # --- chat / serve / export (issue: serve) ------------------------------------------------------------------

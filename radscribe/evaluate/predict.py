@@ -147,7 +147,7 @@ def _predict(cfg: EvalConfig, engine, samples) -> tuple[list[dict], float, int]:
             steps += 1
             for sample, answer in zip(batch, answers):
                 row = {"prompt": sample.prompt, "predict": answer, "label": sample.report, "id": sample.id,
-                       "image": [str(p) for p in sample.images]}
+                       "image": [str(Path(p).resolve()) for p in sample.images]}
                 if sample.truth:
                     row["truth"] = sample.truth
                 rows.append(row)
