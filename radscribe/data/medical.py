@@ -168,7 +168,8 @@ def deid_key(opts: MedicalOptions) -> tuple[bytes, str]:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-    return path.read_text(encoding="utf-8").strip().encode("utf-8"), f"key file {path}"
+    # The report names the kind of key only: the path would put the user's home folder into the dataset.
+    return path.read_text(encoding="utf-8").strip().encode("utf-8"), "user key file (~/.config/radscribe/deid.key)"
 
 
 class _Pseudonymiser:
