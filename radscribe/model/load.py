@@ -65,13 +65,26 @@ def processor_class_without_video(processor_class):
     return _without_video(processor_class)
 
 
+_NO_VIDEO_PREFIX = "_without_video_"
+
+
 @functools.cache
 def _without_video(processor_class):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__,
-                                                              "__module__": processor_class.__module__})
+    # __name__ stays upstream's (it is what save_pretrained records); __module__/__qualname__ point here so the
+    # processor pickles (DataLoader/datasets workers) and unpickles through the module __getattr__ below.
+    return type(processor_class.__name__, (processor_class,), {
+        "__init__": __init__, "__module__": __name__, "__qualname__": _NO_VIDEO_PREFIX + processor_class.__name__})
+
+
+def __getattr__(name: str):
+    if name.startswith(_NO_VIDEO_PREFIX):
+        import transformers
+
+        return _without_video(getattr(transformers, name[len(_NO_VIDEO_PREFIX):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _torchvision_available() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 import shutil
 
 import pytest
@@ -54,13 +55,17 @@ def test_processor_loads_without_torchvision_and_round_trips(models, arch, tmp_p
     processor = load_processor(models[arch])
     assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(arch, "Qwen3VLProcessor")
     assert getattr(processor, "video_processor", None) is None
+    unpickled = pickle.loads(pickle.dumps(processor))  # DataLoader / datasets workers pickle it
+    assert type(unpickled) is type(processor)
     processor.save_pretrained(tmp_path / "p")
     shutil.copy(models[arch] / "config.json", tmp_path / "p")
     shutil.copy(models[arch] / "model.safetensors", tmp_path / "p")
     again = load_processor(tmp_path / "p")
-    a, b = _inputs(processor), _inputs(again)
+    assert json.loads((tmp_path / "p" / "processor_config.json").read_text())["processor_class"] == type(
+        processor).__name__  # the upstream name, so AutoProcessor loads it where torchvision exists
+    a, b, c = _inputs(processor), _inputs(again), _inputs(unpickled)
     assert a.keys() == b.keys() and "mm_token_type_ids" in a
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
 def test_processor_loads_a_released_style_folder(models, tmp_path):

@@ -150,3 +150,17 @@ def test_qlora_4bit_dense_loads_and_lora_learns_on_cpu(models):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_qlora_4bit_moe_keeps_experts_in_full_precision_and_trains_expert_lora(models):
+    model, processor = load_model(models["qwen3_vl_moe"], quantization="4bit", device="cpu", trainable=True)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds[f"{LM}layers.0.self_attn.q_proj"] == "Linear4bit"
+    experts = model.model.language_model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.shape == (4, 96, 64)
+    peft_model = get_peft_model(model, lora.build_lora_config(model, experts=True))
+    loss = peft_model(**_batch(processor)).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad and ".experts." in n}
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
