@@ -363,3 +363,16 @@ def test_nifti_upload_truncated_is_a_clear_error():
     data = gzip.compress(gzip.decompress(EXAMPLE4D.read_bytes())[:5000])
     with pytest.raises(RadscribeError, match="not a readable NIfTI"):
         load_image(data)
+
+
+def test_colour_dicom_is_shown_as_rgb_without_a_window():
+    path = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm", download=False)
+    ds = pydicom.dcmread(path)
+    assert ds.SamplesPerPixel == 3 and ds.BitsStored == 8
+    np.testing.assert_array_equal(np.asarray(load_image(path)), ds.pixel_array)
+
+
+def test_lossless_jpeg2000_decodes_to_the_same_image_as_the_uncompressed_file():
+    path = get_testdata_file("MR_small_jp2klossless.dcm", download=False)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(load_image(MR)))
