@@ -376,3 +376,22 @@ def test_lossless_jpeg2000_decodes_to_the_same_image_as_the_uncompressed_file():
     path = get_testdata_file("MR_small_jp2klossless.dcm", download=False)
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed
     np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(load_image(MR)))
+
+
+def multiframe_ct(path: Path, frames: int = 5) -> Path:
+    """CT_small as a multi-frame file whose frame i is the sample plus 100*i HU."""
+    ds = pydicom.dcmread(CT)
+    stack = np.stack([ds.pixel_array + 100 * i for i in range(frames)]).astype(ds.pixel_array.dtype)
+    ds.NumberOfFrames = frames
+    ds.PixelData = stack.tobytes()
+    ds.save_as(path)
+    return path
+
+
+def test_multiframe_dicom_slices(tmp_path):
+    path = multiframe_ct(tmp_path / "mf.dcm")
+    hu = dicom_to_hu(pydicom.dcmread(path))
+    assert hu.shape == (5, 128, 128) and hu[3, 64, 64] == hu[0, 64, 64] + 300
+    assert [i for i, _ in load_slices(path, window="brain", slices="every:2")] == [0, 2, 4]
+    np.testing.assert_array_equal(gray(load_image(path, window="brain")), apply_window(hu[2], *WINDOWS["brain"]))
+    np.testing.assert_array_equal(gray(load_image(path, window="brain", slice=4)), apply_window(hu[4], 40, 80))

@@ -250,3 +250,22 @@ def test_prepare_output_folder_holds_no_phi_and_a_deid_report(tmp_path):
     report = json.loads((out / "deid_report.json").read_text(encoding="utf-8"))
     assert report["dropped_fields"]["PatientName"] == 2 and report["dropped_fields"]["InstitutionName"] == 2
     assert report["ids"] == "hmac-sha256"
+
+
+def multiframe_ct(path: Path, frames: int) -> None:
+    ds = pydicom.dcmread(CT)
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.stack([ds.pixel_array + 100 * i for i in range(frames)]).astype(np.int16).tobytes()
+    ds.save_as(path)
+
+
+def test_multiframe_dicom_gives_one_row_per_chosen_frame(tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    multiframe_ct(folder / "mf.dcm", frames=5)
+    csv = write_csv(tmp_path / "r.csv", "file,report", "mf.dcm,five frames")
+    rows, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY, slices="all"))
+    assert [r.id.rsplit("-", 1)[1] for r in rows] == ["0000", "0001", "0002", "0003", "0004"]
+    assert len({r.image for r in rows}) == 5 and {r.caption for r in rows} == {"five frames"}
+    middle, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))
+    assert [r.id for r in middle] == [rows[2].id] and middle[0].image == rows[2].image
