@@ -254,8 +254,9 @@ def test_prepare_output_folder_holds_no_phi_and_a_deid_report(tmp_path):
 
 def multiframe_ct(path: Path, frames: int) -> None:
     ds = pydicom.dcmread(CT)
+    stack = np.stack([ds.pixel_array + 100 * i for i in range(frames)]).astype(np.int16)
     ds.NumberOfFrames = frames
-    ds.PixelData = np.stack([ds.pixel_array + 100 * i for i in range(frames)]).astype(np.int16).tobytes()
+    ds.PixelData = stack.tobytes()
     ds.save_as(path)
 
 
