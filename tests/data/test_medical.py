@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import io
 import json
-import os
 import stat
 from pathlib import Path
 
