@@ -338,9 +338,7 @@ def plan_split(samples: list, encoder: Encoder, desc: str) -> tuple[list, list[d
 
 # --- setup -------------------------------------------------------------------------------------------------
 def resolve_config(cfg: TrainConfig, n_train: int) -> TrainConfig:
-    """Fill what depends on the data (the recipe's dropout rule) and check the paths; the result is saved."""
-    if not cfg.model.path or not Path(cfg.model.path).is_dir():
-        raise RadscribeError(f"model.path: base model folder {cfg.model.path!r} does not exist (pass --model DIR)")
+    """Fill what depends on the data (the recipe's dropout rule) and check the combination; the result is saved."""
     if cfg.lora.small_data_dropout is not None and n_train <= SMALL_DATA_ROWS:
         cfg.lora.dropout = cfg.lora.small_data_dropout
     if cfg.train.deepspeed and cfg.model.quantization:
@@ -513,6 +511,8 @@ def train(cfg: TrainConfig) -> Path:
     from radscribe.data.dataset import read_split
     from radscribe.model.load import load_model
 
+    if not cfg.model.path or not Path(cfg.model.path).is_dir():
+        raise RadscribeError(f"model.path: base model folder {cfg.model.path!r} does not exist (pass --model DIR)")
     checkpoints = run / "checkpoints"
     last = _last_checkpoint(checkpoints)
     if last and not cfg.output.resume:
@@ -526,10 +526,17 @@ def train(cfg: TrainConfig) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     if _is_main():
         save_config(cfg, run / "config.yaml")
-        if not cfg.output.resume:
+        if not cfg.output.resume or last is None:
             (run / "log.jsonl").unlink(missing_ok=True)
+        else:  # drop what the interrupted process logged after its last checkpoint: those steps are redone
+            resumed_at = int(last.name.split("-")[-1])
+            kept = [r for r in read_log(run) if r.get("step", 0) <= resumed_at]
+            (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     args = _training_arguments(cfg, checkpoints, has_val=bool(val_rows))  # before the model load: ZeRO-3 Init
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrapping time, before the Trainer seeds anything
     model, processor = load_model(cfg.model.path, dtype=_load_dtype(cfg), quantization=cfg.model.quantization,
                                   device="cpu" if cfg.model.quantization is None else None, trainable=True)
     model, resolved_targets = apply_lora(model, cfg)

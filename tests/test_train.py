@@ -1,0 +1,329 @@
+"""radscribe train: labels, image-safe cutoff, collation, and real runs on tiny Qwen3-VL models (dense, MoE, 4-bit).
+
+Multi-process (torchrun + DeepSpeed) runs are in test_train_multiproc.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from radscribe.data.dataset import Sample, read_split
+from radscribe.errors import RadscribeError
+from radscribe.train import (Encoder, Rejected, TrainConfig, collate, config_from_args, emit_llamafactory,
+                             read_log, train)
+
+REPORT = "这是一张肺部CT图像。左上区域可见一小的高密度影,考虑结节。周围结构未见明显异常。"
+
+
+def _sample(tmp_path: Path, report: str = REPORT, size: int = 64, text_only: bool = False) -> Sample:
+    image = tmp_path / f"img-{size}.png"
+    Image.new("RGB", (size, size), (120, 40, 200)).save(image)
+    prompt = "描述这段文字。" if text_only else "<image>图片中的诊断结果是怎样?"
+    return Sample(id="s", messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": report}],
+                  images=[] if text_only else [image])
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from radscribe.model.load import load_processor
+
+    return load_processor(tiny_model_dir("qwen3_vl"))
+
+
+def _labelled_text(processor, encoded) -> str:
+    return processor.tokenizer.decode(encoded["input_ids"][encoded["labels"] != -100])
+
+
+def _image_run(processor, ids: torch.Tensor) -> tuple[int, int, int]:
+    """(image pad count, position of <|vision_start|>, position of <|vision_end|>)."""
+    tok = processor.tokenizer
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    start = (ids == tok.convert_tokens_to_ids("<|vision_start|>")).nonzero().flatten().tolist()
+    end = (ids == tok.convert_tokens_to_ids("<|vision_end|>")).nonzero().flatten().tolist()
+    assert len(start) == len(end) == 1
+    return int((ids == pad).sum()), start[0], end[0]
+
+
+# --- labels and cutoff -------------------------------------------------------------------------------------
+def test_labels_are_exactly_the_report_and_end_of_turn(processor, tmp_path):
+    encoded = Encoder(processor, 2048, 768 * 768, 32 * 32)(_sample(tmp_path))
+    assert _labelled_text(processor, encoded) == REPORT + "<|im_end|>"
+    # the labelled positions are one contiguous run at the end; everything before (image, prompt) is masked
+    labelled = (encoded["labels"] != -100).nonzero().flatten()
+    assert labelled.tolist() == list(range(int(labelled[0]), len(encoded["labels"])))
+    n_pad, start, end = _image_run(processor, encoded["input_ids"])
+    assert n_pad == 4 and end == start + 5  # 64x64 -> (64/16/2)^2 = 4 merged patches
+
+
+def test_multi_turn_labels_every_assistant_turn(processor, tmp_path):
+    sample = _sample(tmp_path)
+    sample.messages += [{"role": "user", "content": "大小?"}, {"role": "assistant", "content": "小"}]
+    encoded = Encoder(processor, 2048, 768 * 768, 32 * 32)(sample)
+    assert _labelled_text(processor, encoded) == REPORT + "<|im_end|>" + "小<|im_end|>"
+
+
+def test_cutoff_truncates_the_report_never_the_image_run_and_the_batch_trains(processor, tmp_path, tiny_model_dir):
+    from radscribe.model.load import load_model
+
+    long_report = REPORT * 20
+    full = Encoder(processor, 100_000, 768 * 768, 32 * 32)(_sample(tmp_path, long_report, size=128))
+    n_pad_full, _, _ = _image_run(processor, full["input_ids"])
+    cutoff = 40
+    cut = Encoder(processor, cutoff, 768 * 768, 32 * 32)(_sample(tmp_path, long_report, size=128))
+    assert len(cut["input_ids"]) == cutoff < len(full["input_ids"])
+    n_pad, start, end = _image_run(processor, cut["input_ids"])
+    assert n_pad == n_pad_full == 16 and end == start + n_pad + 1  # image run intact, not downscaled
+    assert torch.equal(cut["input_ids"], full["input_ids"][:cutoff])
+    labelled = _labelled_text(processor, cut)
+    assert labelled and long_report.startswith(labelled)
+    assert cut["pixel_values"].shape == full["pixel_values"].shape
+    assert len(cut["mm_token_type_ids"]) == cutoff
+
+    model, _ = load_model(tiny_model_dir("qwen3_vl"), dtype="fp32", trainable=True)
+    batch = collate([cut, full], processor.tokenizer.pad_token_id)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_image_tokens_over_budget_downscale_the_image_or_reject(processor, tmp_path):
+    sample = _sample(tmp_path, size=256)  # 64 image tokens
+    big = Encoder(processor, 2048, 768 * 768, 32 * 32)(sample)
+    assert _image_run(processor, big["input_ids"])[0] == 64
+    small = Encoder(processor, 40, 768 * 768, 32 * 32)(sample)
+    n_pad, start, end = _image_run(processor, small["input_ids"])
+    assert n_pad < 64 and end == start + n_pad + 1 and len(small["input_ids"]) <= 40
+    assert (small["labels"] != -100).sum() >= 1
+    with pytest.raises(Rejected, match="image tokens exceed cutoff_len even at image_min_pixels"):
+        Encoder(processor, 40, 768 * 768, 200 * 200)(sample)
+    with pytest.raises(Rejected, match="prompt text longer than cutoff_len"):
+        Encoder(processor, 8, 768 * 768, 32 * 32)(_sample(tmp_path, text_only=True))
+
+
+def test_image_max_pixels_caps_image_size(processor, tmp_path):
+    encoded = Encoder(processor, 4096, 128 * 128, 32 * 32)(_sample(tmp_path, size=512))
+    assert _image_run(processor, encoded["input_ids"])[0] == 16  # 512^2 capped to 128^2 -> 16 tokens
+
+
+def test_collator_keeps_every_processor_key_and_mixes_text_only_rows(processor, tmp_path, tiny_model_dir):
+    from radscribe.model.load import load_model
+
+    enc = Encoder(processor, 2048, 768 * 768, 32 * 32)
+    with_image, text_only = enc(_sample(tmp_path)), enc(_sample(tmp_path, report="肺", text_only=True))
+    assert "pixel_values" not in text_only and "mm_token_type_ids" in text_only
+    batch = collate([text_only, with_image], processor.tokenizer.pad_token_id)
+    assert set(batch) == set(with_image)
+    assert batch["input_ids"].shape == batch["mm_token_type_ids"].shape == batch["labels"].shape
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]
+    short = len(text_only["input_ids"])
+    assert (batch["labels"][0, short:] == -100).all() and (batch["attention_mask"][0, short:] == 0).all()
+    assert (batch["input_ids"][0, short:] == processor.tokenizer.pad_token_id).all()
+    model, _ = load_model(tiny_model_dir("qwen3_vl"), dtype="fp32")
+    assert torch.isfinite(model(**batch).loss)
+
+
+# --- config, presets, interop ------------------------------------------------------------------------------
+def test_presets_are_the_issue_recipes():
+    z2 = config_from_args("reference-z2", [])
+    z3 = config_from_args("reference-z3", [])
+    rec = config_from_args("recommended", [])
+    for cfg in (z2, z3):
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target) == (8, 16, 0.0, ["all"])
+        t = cfg.train
+        assert (t.lr, t.scheduler, t.warmup_ratio, t.max_grad_norm, t.epochs, t.grad_accum, t.save_steps,
+                t.precision) == (5e-5, "cosine", 0.0, 1.0, 2, 8, 200, "bf16")
+        assert cfg.data.cutoff_len == 2048 and cfg.data.image_max_pixels == 768 * 768
+    assert (z2.train.per_device_batch, z2.train.deepspeed) == (4, "z2")
+    assert (z3.train.per_device_batch, z3.train.deepspeed) == (32, "z3")
+    assert (rec.lora.rank, rec.lora.alpha, rec.train.warmup_ratio, rec.train.epochs) == (32, 64, 0.1, 3)
+    from radscribe.train import resolve_config
+
+    cfg = config_from_args("recommended", ["model.path=."])
+    assert resolve_config(cfg, 10_000).lora.dropout == 0.05
+    cfg = config_from_args("recommended", ["model.path=."])
+    assert resolve_config(cfg, 10_001).lora.dropout == 0.0
+
+
+def test_emit_llamafactory_writes_the_equivalent_recipe(tiny_model_dir, tiny_dataset, tmp_path):
+    cfg = config_from_args("reference-z2", [], **{"model.path": tiny_model_dir("qwen3_vl"),
+                                                  "data.dataset": tiny_dataset, "output.dir": tmp_path / "run"})
+    recipe = yaml.safe_load(emit_llamafactory(cfg).read_text())
+    assert recipe["template"] == "qwen3_vl_nothink" and recipe["lora_target"] == "all"
+    assert (recipe["lora_rank"], recipe["lora_alpha"], recipe["learning_rate"]) == (8, 16, 5e-5)
+    assert (recipe["per_device_train_batch_size"], recipe["gradient_accumulation_steps"]) == (4, 8)
+    assert recipe["cutoff_len"] == 2048 and recipe["image_max_pixels"] == 589824
+    assert recipe["dataset"] == "radscribe_train" and recipe["eval_dataset"] == "radscribe_val"
+    assert recipe["deepspeed"].endswith("presets/deepspeed/z2.json") and recipe["freeze_vision_tower"] is True
+    info = json.loads((tmp_path / "run" / "dataset_info.json").read_text())
+    assert info["radscribe_train"]["formatting"] == "sharegpt"
+    assert info["radscribe_train"]["columns"] == {"messages": "messages", "images": "images"}
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
+    from radscribe.cli import main
+
+    assert main(["train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path), "--out",
+                 str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.path" in err and "nope" in err
+    assert main(["train", "--config", "no-such-preset"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+# --- real runs on tiny models ------------------------------------------------------------------------------
+def _cfg(model_dir, dataset, out, *overrides) -> TrainConfig:
+    base = ["train.precision=fp32", "train.epochs=1", "train.per_device_batch=8", "train.grad_accum=1",
+            "train.lr=2e-3", "train.logging_steps=5", "train.save_steps=1000", "lora.rank=16", "lora.alpha=32"]
+    return config_from_args(None, base + list(overrides), **{"model.path": str(model_dir),
+                                                             "data.dataset": str(dataset), "output.dir": str(out)})
+
+
+def _greedy(model, processor, sample: Sample) -> list[int]:
+    from radscribe.data.dataset import to_chat
+    from radscribe.data.imaging import load_image
+
+    chat = to_chat(sample.messages[:1], [load_image(p) for p in sample.images])
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch,extra", [("qwen3_vl", []), ("qwen3_vl_moe", ["lora.experts=true"])])
+def test_one_epoch_of_lora_lowers_losses_and_the_adapter_changes_generations(arch, extra, tiny_model_dir,
+                                                                             tiny_dataset, tmp_path):
+    from peft import PeftModel
+
+    from radscribe.model.load import load_model
+
+    run = train(_cfg(tiny_model_dir(arch), tiny_dataset, tmp_path / "run", *extra))
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["train_samples"] == 200 and summary["val_samples"] == 40 and summary["rejected"] == 0
+    assert summary["steps"] == 25 and summary["epochs"] == pytest.approx(1.0)
+    assert summary["last_logged_loss"] < summary["first_logged_loss"] - 0.3
+    assert summary["eval_loss"] < summary["eval_loss_start"] - 0.3
+    assert "q_proj x2" in summary["lora_all_resolved_to"]
+    assert (arch == "qwen3_vl_moe") == any(t.startswith("param:") for t in summary["lora_all_resolved_to"])
+    records = read_log(run)
+    steps = [r for r in records if "loss" in r]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(steps[-1])
+    assert steps[-1]["tokens_per_s"] > 0 and (run / "loss.png").stat().st_size > 1000
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["path"] == str(tiny_model_dir(arch)) and saved["lora"]["rank"] == 16
+
+    base, processor = load_model(tiny_model_dir(arch), dtype="fp32")
+    sample = next(read_split(tiny_dataset, "val"))
+    before = _greedy(base, processor, sample)
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    assert any("lora_A" in n for n, _ in tuned.named_parameters())
+    assert _greedy(tuned, processor, sample) != before
+    assert (run / "adapter" / "tokenizer.json").is_file()  # the processor travels with the adapter
+
+
+def test_vision_tower_lora_and_full_finetuning_with_text_only_rows(tiny_model_dir, tiny_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from radscribe.model.load import load_model
+
+    model_dir = tiny_model_dir("qwen3_vl")
+    run = train(_cfg(model_dir, tiny_dataset, tmp_path / "vis", "lora.vision_tower=true", "lora.merger=true",
+                     "train.max_steps=2", "data.val_split=null"))
+    keys = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any(".visual.blocks." in k for k in keys) and any(".visual.merger." in k for k in keys)
+
+    # a dataset mixing text-only rows (no image) into image rows, as the demo's stage 1 does
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rows = json.loads((tiny_dataset / "train.json").read_text())[:24]
+    for row in rows[::2]:
+        row["messages"][0]["content"] = "复述报告。"
+        row["images"] = []
+    for row in rows[1::2]:
+        row["images"] = [str(tiny_dataset / p) for p in row["images"]]
+    (mixed / "train.json").write_text(json.dumps(rows, ensure_ascii=False))
+    run = train(_cfg(model_dir, mixed, tmp_path / "full", "lora.enabled=false", "train.lr=1e-3",
+                     "train.logging_steps=1"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["trainable_parameters"] == summary["total_parameters"] and summary["output"] == "model"
+    base, _ = load_model(model_dir, dtype="fp32")
+    tuned, _ = load_model(run / "model", dtype="fp32")
+    changed = {n for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()) if not torch.equal(a, b)}
+    assert any("visual" in n for n in changed) and any("language_model" in n for n in changed)
+    assert "lm_head.weight" in changed and summary["last_logged_loss"] < summary["first_logged_loss"]
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tiny_dataset, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+
+    from radscribe.model.load import load_model
+
+    run = train(_cfg(tiny_model_dir("qwen3_vl"), tiny_dataset, tmp_path / "q", "model.quantization=4bit",
+                     "train.max_steps=8", "train.logging_steps=1"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 8 and summary["last_logged_loss"] < summary["first_logged_loss"]
+    base, _ = load_model(tiny_model_dir("qwen3_vl"), quantization="4bit")
+    assert type(base.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means it trained
+
+
+def test_existing_checkpoints_need_resume(tiny_model_dir, tiny_dataset, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    with pytest.raises(RadscribeError, match="pass --resume"):
+        train(_cfg(tiny_model_dir("qwen3_vl"), tiny_dataset, tmp_path / "run"))
+
+
+def _train_command(model_dir, dataset, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "radscribe.cli", "train", "--model", str(model_dir), "--data", str(dataset),
+            "--out", str(out), "train.precision=fp32", "train.epochs=2", "train.per_device_batch=4",
+            "train.grad_accum=1", "train.lr=1e-3", "train.save_steps=10", "train.logging_steps=10",
+            "data.val_split=null", *extra]
+
+
+def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir, tiny_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model_dir("qwen3_vl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen(_train_command(model_dir, tiny_dataset, tmp_path / "killed"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-20"
+    deadline = time.time() + 300
+    while not (checkpoint / "trainer_state.json").is_file() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "adapter").exists()
+    done = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "killed" / "checkpoints").glob("checkpoint-*"))
+    assert done and max(done) < 100  # killed mid-run: 2 epochs of 50 steps
+
+    subprocess.run(_train_command(model_dir, tiny_dataset, tmp_path / "killed", "--resume"), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(_train_command(model_dir, tiny_dataset, tmp_path / "straight"), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys() and resumed
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "killed" / "train_summary.json").read_text())["steps"] == 100
+    logged = [r["step"] for r in read_log(tmp_path / "killed") if "loss" in r]
+    assert logged == [r["step"] for r in read_log(tmp_path / "straight") if "loss" in r]  # no step twice
