@@ -104,6 +104,8 @@ def cmd_tiny_model(sub) -> None:
     p.add_argument("--experts", type=int, default=4, help="MoE only: experts per layer")
     p.add_argument("--experts-per-token", type=int, default=2, help="MoE only: top-k")
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary target (stops early on small corpora)")
+    p.add_argument("--min-pixels", type=int, default=64 * 64, help="processor: smaller images are upscaled to this")
+    p.add_argument("--max-pixels", type=int, default=768 * 768, help="processor: larger images are downscaled to this")
     p.add_argument("--corpus-dataset", default=None, metavar="DIR",
                    help="train the tokenizer on this prepared dataset's prompts and reports (default: built-in)")
 
@@ -113,7 +115,8 @@ def cmd_tiny_model(sub) -> None:
         corpus = dataset_corpus(a.corpus_dataset) if a.corpus_dataset else None
         out = build_tiny_model(a.arch, a.out, a.seed, text_hidden=a.text_hidden, text_layers=a.text_layers,
                                vision_hidden=a.vision_hidden, vision_depth=a.vision_depth, experts=a.experts,
-                               experts_per_token=a.experts_per_token, corpus=corpus, vocab_size=a.vocab_size)
+                               experts_per_token=a.experts_per_token, corpus=corpus, vocab_size=a.vocab_size,
+                               min_pixels=a.min_pixels, max_pixels=a.max_pixels)
         print(out)
 
     p.set_defaults(handler=run)
@@ -227,12 +230,81 @@ def cmd_report(sub) -> None:
 # --- chat / serve / export (issue: serve) ------------------------------------------------------------------
 def cmd_chat(sub) -> None:
     p = sub.add_parser("chat", help="stream a report for an image (or DICOM) in the terminal")
-    p.set_defaults(handler=lambda a: _todo("chat"))
+    p.add_argument("--model", required=True, help="base model folder (or a merged export)")
+    p.add_argument("--adapter", default=None, help="a `radscribe train` run folder or a PEFT adapter folder")
+    p.add_argument("--image", required=True, help="PNG/JPEG/WebP, DICOM or NIfTI file")
+    p.add_argument("--window", default=None, help="DICOM/NIfTI window: auto, multi, brain, lung, bone, ...")
+    p.add_argument("--prompt", default="图片中的诊断结果是怎样?", help="the first question")
+    p.add_argument("-i", "--interactive", action="store_true", help="then take follow-up questions (empty line ends)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+    def run(a):
+        from radscribe.serve.chat import chat
+
+        chat(a.model, a.image, adapter=a.adapter, prompt=a.prompt, window=a.window, interactive=a.interactive,
+             max_new_tokens=a.max_new_tokens, temperature=a.temperature, dtype=a.dtype, device=a.device)
+
+    p.set_defaults(handler=run)
 
 
 def cmd_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API and web page")
-    p.set_defaults(handler=lambda a: _todo("serve"))
+    p.add_argument("--model", required=True, help="base model folder, or a `radscribe export` folder")
+    p.add_argument("--adapter", default=None, help="run or adapter folder (hf backend only)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers + our batching (CPU or GPU); vllm: vLLM on a merged export (GPU)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: env RADSCRIBE_API_KEY)")
+    p.add_argument("--model-name", default="radscribe", help="model id in /v1/models")
+    p.add_argument("--allow-folder", default=None, help="let image_url read local files inside this folder")
+    p.add_argument("--allow-host", action="append", default=[], help="let image_url fetch from this host (repeat)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body")
+    p.add_argument("--max-image-mb", type=float, default=20, help="largest encoded image")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image width x height")
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together (1 = no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--quantize", choices=["4bit"], default=None, help="load the hf backend in bitsandbytes nf4")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=8192, help="vllm backend: context length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="vllm backend: GPU memory share")
+
+    def run(a):
+        import os
+        from pathlib import Path
+
+        api_key = a.api_key or os.environ.get("RADSCRIBE_API_KEY") or None
+        if a.backend == "vllm":
+            from radscribe.serve.vllm import VllmOptions, serve_vllm
+
+            if a.adapter:
+                raise RadscribeError("--backend vllm serves a merged model: run `radscribe export --model BASE "
+                                     "--adapter RUN OUT` and pass --model OUT (vLLM cannot put LoRA on fused MoE experts)")
+            code = serve_vllm(a.model, a.host, a.port, a.model_name, api_key,
+                              VllmOptions(max_model_len=a.max_model_len,
+                                          gpu_memory_utilization=a.gpu_memory_utilization),
+                              allow_hosts=a.allow_host, allow_folder=a.allow_folder)
+            if code:
+                raise RadscribeError(f"vLLM exited with status {code}")
+            return
+        from radscribe.serve.api import ServeConfig, serve
+        from radscribe.serve.safety import ImagePolicy
+
+        if a.allow_folder and not Path(a.allow_folder).is_dir():
+            raise RadscribeError(f"--allow-folder {a.allow_folder} is not a folder")
+        policy = ImagePolicy(max_image_bytes=int(a.max_image_mb * 1024 * 1024), max_pixels=a.max_pixels,
+                             allow_folder=Path(a.allow_folder) if a.allow_folder else None, allow_hosts=a.allow_host)
+        cfg = ServeConfig(host=a.host, port=a.port, api_key=api_key, model_name=a.model_name,
+                          max_body_bytes=int(a.max_body_mb * 1024 * 1024), max_tokens_limit=a.max_tokens,
+                          images=policy, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms)
+        serve(a.model, adapter=a.adapter, cfg=cfg, dtype=a.dtype, quantization=a.quantize, device=a.device)
+
+    p.set_defaults(handler=run)
 
 
 def cmd_export(sub) -> None:

@@ -430,7 +430,8 @@ async def _sse(batcher: Batcher, gen, completion_id: str, created: int, model: s
         job.cancelled = True  # client gone or done: stop feeding tokens into a dead connection
 
 
-def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None, dtype: str = "auto") -> None:
+def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None, dtype: str = "auto",
+          quantization: str | None = None, device: str | None = None) -> None:
     """Load the engine and run uvicorn until interrupted."""
     import uvicorn
 
@@ -440,7 +441,8 @@ def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"radscribe serve: warning: binding {cfg.host} with no API key exposes the model to the network; "
               "set --api-key or RADSCRIBE_API_KEY")
-    engine = Engine.from_pretrained(model, adapter=adapter, dtype=dtype)
+    engine = Engine.from_pretrained(model, adapter=adapter, dtype=dtype, quantization=quantization, device=device,
+                                    batch_size=cfg.max_batch)
     app = create_app(engine, cfg)
     print(f"radscribe serve: http://{cfg.host}:{cfg.port}/  (API: /v1/chat/completions, model id {cfg.model_name!r})")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
