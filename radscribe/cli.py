@@ -327,7 +327,20 @@ def cmd_export(sub) -> None:
 # --- demo (issue: demo) -----------------------------------------------------------------------------------
 def cmd_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default: synth -> prepare -> train -> eval -> report")
-    p.set_defaults(handler=lambda a: _todo("demo"))
+    p.add_argument("--out", default=None, help="demo folder (default runs/demo)")
+    p.add_argument("--lang", choices=["zh", "en"], default=None, help="report language (default zh)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    _overrides(p)
+
+    def run(a):
+        from radscribe.demo import config_from_args, demo
+
+        result = demo(config_from_args(a.config, a.overrides, out=a.out, lang=a.lang), fresh=a.fresh)
+        if not result["improved"]:
+            raise RadscribeError("the fine-tuned model did not beat the base with non-overlapping CIs "
+                                 f"(see {result['report']})")
+
+    p.set_defaults(handler=run)
 
 
 def _todo(name: str) -> None:

@@ -135,3 +135,21 @@ def test_cli_builds_a_model_and_rejects_bad_sizes(tmp_path, capsys):
     assert "--text-hidden (40)" in capsys.readouterr().err
     with pytest.raises(RadscribeError, match="corpus is empty"):
         build_tiny_model("qwen3_vl", tmp_path / "empty", corpus=[])
+
+
+def test_cli_trains_the_tokenizer_on_a_prepared_dataset(tmp_path):
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    rows = [{"id": f"r{i}", "images": [f"images/r{i}.png"],
+             "messages": [{"role": "user", "content": "<image>请描述这张片子"},
+                          {"role": "assistant", "content": f"骨盆平片所见骨质结构完整{i % 3}"}]} for i in range(30)]
+    (dataset / "train.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "m"
+    assert main(["tiny-model", str(out), "--corpus-dataset", str(dataset), "--vocab-size", "400",
+                 "--max-pixels", str(128 * 128)]) == 0
+    _, processor = load_model(out, device="cpu")
+    assert len(processor.tokenizer.tokenize("请描述这张片子")) == 1  # learned from the dataset's prompts
+    assert processor.image_processor.size["longest_edge"] == 128 * 128
+    image = Image.new("RGB", (512, 512))
+    grid = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image])["image_grid_thw"]
+    assert int(grid[0].prod()) * 16 * 16 <= 128 * 128
