@@ -378,46 +378,18 @@ def _init_distributed(cfg: TrainConfig) -> None:
 
 
 def apply_lora(model, cfg: TrainConfig):
-    """Wrap the base in a PEFT LoRA model (or make every weight trainable); returns (model, what "all" meant)."""
+    """Wrap the base in a PEFT LoRA model per `cfg.lora`, or leave every weight trainable (full fine-tuning)."""
     if not cfg.lora.enabled:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, ["<every parameter>"]
+        model.requires_grad_(True)
+        return model
     from peft import get_peft_model
 
-    peft_config = _lora_config(model, cfg.lora)
-    model = get_peft_model(model, peft_config)
-    return model, describe_targets(peft_config)
+    from radscribe.model.lora import build_lora_config
 
-
-def describe_targets(peft_config) -> list[str]:
-    """What the LoRA targets resolved to, as `leaf name x count` (modules) and `param:leaf x count` (experts)."""
-    modules = peft_config.target_modules
-    modules = [modules] if isinstance(modules, str) else sorted(modules or [])
-    counts = Counter(name.rsplit(".", 1)[-1] for name in modules)
-    params = Counter("param:" + name.rsplit(".", 1)[-1] for name in peft_config.target_parameters or [])
-    return [f"{leaf} x{n}" for leaf, n in sorted(counts.items())] + [f"{p} x{n}" for p, n in sorted(params.items())]
-
-
-def _lora_config(model, lora):
-    # TEMPORARY until radscribe.model.lora lands: every Linear of the language model except lm_head.
-    import torch
-    from peft import LoraConfig
-
-    names = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "lm_head" in name:
-            continue
-        in_vision = ".visual." in f".{name}"
-        in_merger = in_vision and "merger" in name
-        if in_merger and lora.merger or (in_vision and not in_merger and lora.vision_tower) or not in_vision:
-            names.add(name)
-    params = []
-    if lora.experts:
-        params = sorted({n.rsplit(".", 0)[0] for n, p in model.named_parameters()
-                         if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))})
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=sorted(names), target_parameters=params or None)
+    target = "all" if cfg.lora.target == ["all"] else cfg.lora.target
+    return get_peft_model(model, build_lora_config(
+        model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target=target,
+        vision=cfg.lora.vision_tower, merger=cfg.lora.merger, experts=cfg.lora.experts))
 
 
 # --- logging -----------------------------------------------------------------------------------------------
@@ -539,12 +511,18 @@ def train(cfg: TrainConfig) -> Path:
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrapping time, before the Trainer seeds anything
     model, processor = load_model(cfg.model.path, dtype=_load_dtype(cfg), quantization=cfg.model.quantization,
                                   device="cpu" if cfg.model.quantization is None else None, trainable=True)
-    model, resolved_targets = apply_lora(model, cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    _say(f"LoRA target 'all' resolved to: {', '.join(resolved_targets)}" if cfg.lora.enabled
-         else "full-parameter fine-tuning")
-    _say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f} %)")
+    model = apply_lora(model, cfg)
+    from radscribe.model.lora import describe
+
+    described = describe(model)
+    trainable, total = described["trainable_parameters"], described["total_parameters"]
+    if cfg.lora.enabled:
+        _say(f"LoRA target {cfg.lora.target} resolved to: {json.dumps(described['lora_modules'])}"
+             f" ({described['lora_module_count']} modules)"
+             + (f", experts: {described['lora_expert_parameters']}" if described["lora_expert_parameters"] else ""))
+    else:
+        _say("full-parameter fine-tuning")
+    _say(f"trainable parameters: {trainable:,} of {total:,} ({described['trainable_percent']} %)")
 
     encoder = Encoder(processor, cfg.data.cutoff_len, cfg.data.image_max_pixels, cfg.data.image_min_pixels)
     train_rows, rejects = plan_split(train_rows, encoder, "train")
@@ -594,7 +572,8 @@ def train(cfg: TrainConfig) -> Path:
             "eval_loss_start": evals[0] if evals else None, "eval_loss": final_eval.get("eval_loss"),
             "runtime_s": round(runtime, 2), "tokens_seen": trainer.state.num_input_tokens_seen,
             "trainable_parameters": trainable, "total_parameters": total,
-            "lora_all_resolved_to": resolved_targets, "lora_dropout": cfg.lora.dropout if cfg.lora.enabled else None,
+            "lora_targets": described["lora_modules"], "lora_module_count": described["lora_module_count"],
+            "lora_expert_parameters": described["lora_expert_parameters"], "lora_dropout": cfg.lora.dropout if cfg.lora.enabled else None,
             "output": out_dir.name,
         }
         (run / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
