@@ -16,13 +16,12 @@ from radscribe.errors import RadscribeError
 from radscribe.model import load as loader
 from radscribe.model import lora
 from radscribe.model.load import load_model, load_processor, resolve_adapter
-from radscribe.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("load")
-    return {arch: build_tiny_model(arch, root / arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
+def models(tiny_model_dir):
+    # the session's seed-0 tiny models (tests/conftest.py), shared with other test files; read-only here
+    return {arch: tiny_model_dir(arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,14 @@ from PIL import Image
 from radscribe.errors import RadscribeError
 from radscribe.model import lora
 from radscribe.model.load import load_model
-from radscribe.model.tiny import build_tiny_model
 
 LM = "model.language_model."
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    return {arch: build_tiny_model(arch, root / arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
+def models(tiny_model_dir):
+    # the session's seed-0 tiny models (tests/conftest.py), shared with other test files; read-only here
+    return {arch: tiny_model_dir(arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
 
 
 def _batch(processor, report="这是一张肺CT图像。右下区域可见一小病灶。"):
@@ -164,3 +163,36 @@ def test_qlora_4bit_moe_keeps_experts_in_full_precision_and_trains_expert_lora(m
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad and ".experts." in n}
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_gpu_bench_smoke_path_runs_and_expert_lora_adds_parameters(tmp_path, monkeypatch):
+    # bench/gpu/train_real_dims.py is meant for a lent GPU; its --smoke path keeps it from rotting in between
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "train_real_dims.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--smoke", "--out", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    import json
+
+    results = json.loads((tmp_path / "train_real_dims_smoke.json").read_text())["results"]
+    plain, experts = results
+    assert (plain["expert_lora"], experts["expert_lora"]) == (False, True)
+    assert experts["trainable_parameters"] > plain["trainable_parameters"]
+    assert all(r["tokens_per_s"] > 0 and r["losses"][-1] < r["losses"][0] for r in results)
+    assert "| yes |" in (tmp_path / "train_real_dims_smoke.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_4bit_and_bf16_lora_on_gpu(models):
+    for quantization in (None, "4bit"):
+        model, processor = load_model(models["qwen3_vl_moe"], dtype="bf16", quantization=quantization,
+                                      device="cuda", trainable=True)
+        peft_model = get_peft_model(model, lora.build_lora_config(model, experts=True))
+        batch = {k: v.to("cuda") for k, v in _batch(processor).items()}
+        loss = peft_model(**batch).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" in n)

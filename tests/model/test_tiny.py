@@ -18,9 +18,9 @@ from radscribe.model.tiny import SPECIAL_TOKENS, build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny_model(arch, root / arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
+def models(tiny_model_dir):
+    # the session's seed-0 tiny models (tests/conftest.py), shared with other test files; read-only here
+    return {arch: tiny_model_dir(arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
 
 
 def _chat(image, report="这是一张脑部CT图像。"):
