@@ -159,17 +159,24 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
         compute_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     bnb = quantization_config(quantization, compute_dtype)  # checks bitsandbytes before any loading
     processor = load_processor(path)
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
     kwargs = {"dtype": torch_dtype}
+    # Straight onto an accelerator (a 30B checkpoint never sits whole in host memory); under ZeRO-3 transformers
+    # partitions while loading and refuses a device_map, so there the engine places the shards.
+    on_accelerator = not str(device).startswith("cpu")
+    place_while_loading = (bnb is not None or on_accelerator) and not is_deepspeed_zero3_enabled()
+    if place_while_loading:
+        kwargs["device_map"] = {"": device}
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": device}
         if torch_dtype == "auto":
             kwargs["dtype"] = compute_dtype
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0]})")
-    if bnb is None:
+    if not place_while_loading and not is_deepspeed_zero3_enabled():
         model.to(device)
     if trainable and bnb is not None:
         from peft import prepare_model_for_kbit_training
