@@ -175,14 +175,14 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0]})")
+        raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
     if not place_while_loading and not is_deepspeed_zero3_enabled():
         model.to(device)
     if trainable and bnb is not None:
         from peft import prepare_model_for_kbit_training
 
-        # Casts norms to fp32 and enables input grads so LoRA on a frozen 4-bit base backpropagates;
-        # gradient checkpointing is the trainer's choice, not the loader's.
+        # Freezes the base and upcasts its non-quantised weights (norms, vision tower, lm_head) to fp32, as QLoRA
+        # does for stable LoRA updates; gradient checkpointing is the trainer's choice, not the loader's.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter_dir is not None:
         from peft import PeftModel
