@@ -90,3 +90,24 @@ def test_ablation_shows_no_drop_for_a_blind_model(small_dataset, tmp_path):
 def test_base_model_eval_needs_out(small_dataset):
     with pytest.raises(RadscribeError, match="needs --out"):
         output_dir(EvalConfig(model="m", data=str(small_dataset)))
+
+
+def test_eval_with_adapter_writes_into_the_run_folder(tiny_model_dir, small_dataset, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from radscribe.model.load import load_model
+
+    base_dir = tiny_model_dir("qwen3_vl")
+    model, processor = load_model(base_dir, dtype="fp32", device="cpu")
+    # Random (not zero) B matrices, so the adapter really changes what the model says.
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    run = tmp_path / "run"
+    lora.save_pretrained(run / "adapter")
+    args = ["--model", str(base_dir), "--data", str(small_dataset), "--limit", "3", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--n-boot", "20"]
+    assert main(["eval", *args, "--adapter", str(run)]) == 0
+    assert main(["eval", *args, "--out", str(tmp_path / "base")]) == 0
+    tuned = [json.loads(l)["predict"] for l in (run / "eval" / "val" / "generated_predictions.jsonl").open()]
+    base = [json.loads(l)["predict"] for l in (tmp_path / "base" / "val" / "generated_predictions.jsonl").open()]
+    assert len(tuned) == len(base) == 3 and tuned != base

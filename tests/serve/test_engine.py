@@ -80,3 +80,11 @@ def test_bad_requests_name_the_field(engine):
         engine.generate([Request(messages=[{"role": "user", "content": "x"}], top_p=0)])
     with pytest.raises(RadscribeError, match="max_new_tokens"):
         engine.generate([Request(messages=[{"role": "user", "content": "x"}], max_new_tokens=0)])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl_moe", "qwen2_5_vl"])
+def test_left_padding_is_exact_for_the_other_architectures(tiny_model_dir, arch):
+    # Qwen2.5-VL builds its M-RoPE positions differently from Qwen3-VL; MoE routes every token separately.
+    engine = Engine.from_pretrained(tiny_model_dir(arch), dtype="fp32", device="cpu")
+    requests = [_requests(max_new_tokens=8)[i] for i in (0, 2, 3)]
+    assert engine.generate(requests, batch_size=3) == [engine.generate([r])[0] for r in requests]
