@@ -114,14 +114,19 @@ def load_processor(model_dir: str | Path):
 
     path = check_model_dir(model_dir)
     if _torchvision_available():
-        processor = transformers.AutoProcessor.from_pretrained(path)
+        processor_class = transformers.AutoProcessor
     else:
         name = _processor_class_name(path)
         upstream = getattr(transformers, name, None)
         if upstream is None:
             raise RadscribeError(f"{path}: processor_class {name!r} is not known to transformers "
                                  f"{transformers.__version__}; upgrade transformers")
-        processor = processor_class_without_video(upstream).from_pretrained(path)
+        processor_class = processor_class_without_video(upstream)
+    try:
+        processor = processor_class.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RadscribeError(f"{path}: cannot load the processor, are the tokenizer and preprocessor files there? "
+                             f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         # Qwen's released tokenizers pad with <|endoftext|>; batching needs some pad token.

@@ -122,6 +122,15 @@ def test_user_mistakes_are_one_line_errors(models, run_dir, tmp_path, monkeypatc
     shutil.copy(models["qwen3_vl"] / "config.json", tmp_path / "noweights")
     with pytest.raises(RadscribeError, match="no \\*.safetensors"):
         load_processor(tmp_path / "noweights")
+    (tmp_path / "text-only").mkdir()
+    (tmp_path / "text-only" / "config.json").write_text('{"model_type": "gpt2"}')
+    shutil.copy(models["qwen3_vl"] / "model.safetensors", tmp_path / "text-only")
+    with pytest.raises(RadscribeError, match="cannot load the processor"):
+        load_model(tmp_path / "text-only")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        shutil.copy(models["qwen3_vl"] / name, tmp_path / "text-only")
+    with pytest.raises(RadscribeError, match="cannot load the model"):
+        load_model(tmp_path / "text-only")
     with pytest.raises(RadscribeError, match="adapter .* does not exist"):
         resolve_adapter(tmp_path / "missing-run")
     with pytest.raises(RadscribeError, match="holds no adapter_config.json"):
