@@ -217,7 +217,8 @@ def main() -> None:
     name = "train_real_dims_smoke" if args.smoke else "train_real_dims"
     meta = {"device": card, "torch": torch.__version__, "layers": args.layers, "vision_depth": args.vision_depth,
             "batch": args.batch, "seq": args.seq, "image_px": args.image_px, "steps": args.steps,
-            "grad_ckpt": args.grad_ckpt, "experts_impl": args.experts_impl, "peak_tflops": args.peak_tflops, "smoke": args.smoke}
+            "grad_ckpt": args.grad_ckpt, "experts_impl": args.experts_impl, "peak_tflops": args.peak_tflops,
+            "smoke": args.smoke}
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     lines = [f"# LoRA on a Qwen3-VL-30B-A3B-shaped model ({'SMOKE, tiny widths' if args.smoke else 'real widths'})",
              "", f"{card}; torch {torch.__version__}; {args.layers} text layers, {args.vision_depth} vision "

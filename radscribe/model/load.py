@@ -180,7 +180,8 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
+        first_line = (str(err).splitlines() or [""])[0]
+        raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {first_line})")
     if not place_while_loading and not is_deepspeed_zero3_enabled():
         model.to(device)
     if trainable and bnb is not None:

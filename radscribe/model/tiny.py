@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 from radscribe.errors import RadscribeError
+from radscribe.model.load import processor_class_without_video
 
 ARCHS = ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")
 
@@ -79,6 +80,7 @@ _SPECS = {
                             (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
                             "You are a helpful assistant."),
 }
+
 
 def builtin_corpus(n: int = 2000) -> list[str]:
     """The default tokenizer corpus: the prompts plus `n` Chinese and `n` English synthetic reports."""
@@ -241,8 +243,8 @@ def build_tiny_model(
     model.save_pretrained(out)
     _write_released_layout(model, out)
 
-    processor_class = getattr(transformers, spec.processor_class)
-    processor = _processor_without_video(processor_class)(
+    # saved without a video processor (it needs torchvision); the folder still names the upstream class
+    processor = processor_class_without_video(getattr(transformers, spec.processor_class))(
         image_processor=_image_processor(spec, min_pixels, max_pixels), tokenizer=tokenizer,
         chat_template=tokenizer.chat_template)
     processor.save_pretrained(out)
@@ -266,13 +268,6 @@ def _write_released_layout(model, out: Path) -> None:
         f.unlink()
     (out / "model.safetensors.index.json").unlink(missing_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _processor_without_video(processor_class):
-    """The processor class without its video processor, which needs torchvision (absent on CPU-only installs)."""
-    from radscribe.model.load import processor_class_without_video
-
-    return processor_class_without_video(processor_class)
 
 
 def _write_video_processor_config(out: Path, spec: _ArchSpec, min_pixels: int, max_pixels: int) -> None:
