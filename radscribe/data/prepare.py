@@ -18,6 +18,7 @@ What it guarantees:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -115,7 +116,12 @@ def verify_image(data: bytes, max_pixels: int) -> tuple[str | None, str, bytes |
     if width * height > max_pixels:
         return "image over pixel limit", f"{width}x{height} > {max_pixels} pixels", None, ""
     try:
-        img.load()  # a full decode: the only honest test of a truncated or corrupt stream
+        if img.format in ("JPEG", "MPO"):
+            # DCT-domain downscaling halves the decode time, yet every entropy-coded byte is still read, so a
+            # truncated or corrupt stream fails exactly as in a full decode (the bytes stored are the originals).
+            # Grey output skips colour conversion; the entropy-coded data of every component is still decoded.
+            img.draft("L" if img.mode in ("L", "RGB") else img.mode, (max(1, width // 8), max(1, height // 8)))
+        img.load()  # a decode: the only honest test of a truncated or corrupt stream
         if img.format == "PNG":
             # load() stops at the last pixel row; verify() walks the chunks to IEND and checks their CRCs.
             Image.open(io.BytesIO(data)).verify()
@@ -136,25 +142,49 @@ def _decode_failure(err: Exception) -> str:
     return "truncated image" if isinstance(err, EOFError) or "truncat" in str(err).lower() else "undecodable image"
 
 
-def _verify_chunk(images_dir: str, max_pixels: int, items: list[tuple[str, bytes]]) -> list[tuple]:
-    """Verify and store a chunk's images; returns (reason, detail, file name, sha256) per item."""
+def _process_unit(unit: "RowGroup | list[Row]", images_dir: str, max_pixels: int, source_images: str | None,
+                  group_by: str | None) -> list[tuple]:
+    """Read one work unit (a parquet row group, or a list of rows), verify and store its images.
+
+    Runs in the pool: image bytes never travel between processes. Returns per row (row without its image bytes,
+    id, reject reason or None, detail, stored file name, sha256); order-dependent verdicts (duplicate id,
+    duplicate pixels) are left to the main process.
+    """
+    from radscribe.data.sources import RowGroup, read_row_group
+
+    rows = read_row_group(unit, source_images, group_by) if isinstance(unit, RowGroup) else unit
     results = []
-    for safe_id, data in items:
-        reason, detail, stored, ext = verify_image(data, max_pixels)
-        if reason:
-            results.append((reason, detail, None, None))
-            continue
-        sha = hashlib.sha256(stored).hexdigest()
-        name = f"{safe_id}-{sha[:12]}.{ext}"
-        path = os.path.join(images_dir, name)
-        if not os.path.exists(path):
-            # Atomic: a kill never leaves a half-written image under its final name.
-            tmp = os.path.join(images_dir, f".tmp-{os.getpid()}-{name}")
-            with open(tmp, "wb") as f:
-                f.write(stored)
-            os.replace(tmp, path)
-        results.append((None, detail, name, sha))
+    for row in rows:
+        row_id = str(row.id) if row.id not in (None, "") else f"{Path(row.source).stem}-{row.index}"
+        why, detail, name, sha = _precheck(row), "", None, None
+        if why is None:
+            why, detail, stored, ext = verify_image(row.image, max_pixels)
+            if why is None:
+                sha = hashlib.sha256(stored).hexdigest()
+                name = f"{sanitise_id(row_id)}-{sha[:12]}.{ext}"
+                _store(os.path.join(images_dir, name), stored)
+        results.append((dataclasses.replace(row, image=None), row_id, why, detail, name, sha))
     return results
+
+
+def _precheck(row: Row) -> str | None:
+    if row.reject:
+        return row.reject
+    if row.image is None:
+        return "null image"
+    if not (row.caption or "").strip():
+        return "empty caption"
+    return None
+
+
+def _store(path: str, data: bytes) -> None:
+    if os.path.exists(path):
+        return
+    # Atomic: a kill never leaves a half-written image under its final name.
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -178,9 +208,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         stale.unlink()
 
     ledger = _Ledger(out, cfg.format, fingerprint)
-    rows, total, deid = _open_rows(cfg, start=ledger.rows_done)
+    units, total, deid = _work_units(cfg, done=ledger.rows_done)
     bar = tqdm(total=total, initial=ledger.rows_done, unit="rows", desc="prepare", disable=None, smoothing=0.1)
-    images_dir = str(out / "images")
+    args = (str(out / "images"), cfg.max_pixels, cfg.images, cfg.group_by)
     workers = cfg.workers or (os.cpu_count() or 1)
     pool = None
     if workers > 1:
@@ -189,17 +219,13 @@ def prepare(cfg: PrepareConfig) -> dict:
         pool = mp.get_context("spawn").Pool(workers)
     try:
         pending: collections.deque = collections.deque()
-        for chunk in _chunks(rows, cfg.chunk_rows):
-            items = [(sanitise_id(r_id), row.image) for row, r_id, why in chunk if why is None]
-            if pool is None:
-                pending.append((chunk, None, _verify_chunk(images_dir, cfg.max_pixels, items)))
-            else:
-                pending.append((chunk, pool.apply_async(_verify_chunk, (images_dir, cfg.max_pixels, items)), None))
-            # At most two chunks in flight per worker: memory stays flat however large the input.
-            while pending and (len(pending) > 2 * workers or pending[0][1] is None or pending[0][1].ready()):
-                bar.update(_commit(ledger, *pending.popleft(), prompts, cfg))
+        for unit in units:
+            pending.append(pool.apply_async(_process_unit, (unit, *args)) if pool else _process_unit(unit, *args))
+            # At most two units in flight per worker: memory stays flat however large the input.
+            while pending and (pool is None or len(pending) > 2 * workers or pending[0].ready()):
+                bar.update(_commit(ledger, pending.popleft(), prompts, cfg))
         while pending:
-            bar.update(_commit(ledger, *pending.popleft(), prompts, cfg))
+            bar.update(_commit(ledger, pending.popleft(), prompts, cfg))
     finally:
         if pool is not None:
             pool.terminate()
@@ -245,8 +271,11 @@ def _fingerprint(cfg: PrepareConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _open_rows(cfg: PrepareConfig, start: int) -> tuple[Iterator[Row], int | None, dict | None]:
-    """The input rows from `start` on, their total when known, and the de-identification report (medical)."""
+def _work_units(cfg: PrepareConfig, done: int) -> tuple[Iterator, int | None, dict | None]:
+    """Work units after the first `done` rows, the total row count when known, and the de-identification report.
+
+    Parquet: one unit per row group (read by the worker itself). Medical folders: lists of `chunk_rows` rows.
+    """
     if cfg.dicom or cfg.nifti:
         import itertools
 
@@ -258,53 +287,37 @@ def _open_rows(cfg: PrepareConfig, start: int) -> tuple[Iterator[Row], int | Non
         opts = MedicalOptions(dicom=cfg.dicom, nifti=cfg.nifti, reports=cfg.reports, window=cfg.window,
                               slices=cfg.slices, keep_ids=cfg.keep_ids, allow_burned_in=cfg.allow_burned_in,
                               id_key=cfg.id_key, key=cfg.key)
-        # Medical rows are re-derived on resume (the de-identification report must cover all of them).
-        return itertools.islice(medical_rows(opts, deid), start, None), None, deid
+        # Medical rows are re-derived on resume, so the de-identification report covers all of them.
+        rows = itertools.islice(medical_rows(opts, deid), done, None)
+        return iter(lambda: list(itertools.islice(rows, cfg.chunk_rows)), []), None, deid
     if not cfg.inputs:
         raise RadscribeError("no input: give parquet files/globs/folders, or --dicom/--nifti with --reports")
-    from radscribe.data.sources import count_rows, medtrinity_rows, parquet_files
+    from radscribe.data.sources import group_pattern, row_groups
 
-    files = parquet_files(cfg.inputs)
-    rows = medtrinity_rows(files, images_dir=cfg.images, group_by=cfg.group_by, start=start)
-    return rows, count_rows(files), None
-
-
-def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[tuple[Row, str, str | None]]]:
-    """Batches of (row, id, reason known before decoding)."""
-    chunk = []
-    for row in rows:
-        row_id = row.id if row.id not in (None, "") else f"{Path(row.source).stem}-{row.index}"
-        if row.reject:
-            why = row.reject
-        elif row.image is None:
-            why = "null image"
-        elif not (row.caption or "").strip():
-            why = "empty caption"
-        else:
-            why = None
-        chunk.append((row, str(row_id), why))
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    group_pattern(cfg.group_by)  # a bad regex fails here, not in a worker
+    units = row_groups(cfg.inputs, cfg.images)
+    total = sum(u.num_rows for u in units)
+    skipped = 0
+    while units and skipped + units[0].num_rows <= done:
+        skipped += units.pop(0).num_rows
+    if skipped != done:
+        raise RadscribeError(f"{cfg.out}: the checkpoint ({done} rows) does not fall on a row-group boundary of the "
+                             f"inputs; delete the folder and rerun")
+    return iter(units), total, None
 
 
-def _commit(ledger: "_Ledger", chunk, async_result, results, prompts: list[str], cfg: PrepareConfig) -> int:
-    """Write one chunk's rows in input order, then checkpoint."""
-    results = iter(async_result.get() if async_result is not None else results)
-    for row, row_id, why in chunk:
-        detail, name, sha = "", None, None
-        if why is None:
-            why, detail, name, sha = next(results)
+def _commit(ledger: "_Ledger", pending, prompts: list[str], cfg: PrepareConfig) -> int:
+    """Write one unit's rows in input order, then checkpoint."""
+    results = pending if isinstance(pending, list) else pending.get()
+    for row, row_id, why, detail, name, sha in results:
         if why is None and row_id in ledger.ids:
             why = "duplicate id"
         if why is not None:
             ledger.reject(row, row_id, why, detail, name)
             continue
         ledger.accept(row, row_id, name, sha, _pick_prompt(prompts, cfg.seed, row_id), cfg.val_ratio)
-    ledger.checkpoint(len(chunk))
-    return len(chunk)
+    ledger.checkpoint(len(results))
+    return len(results)
 
 
 def _pick_prompt(prompts: list[str], seed: int, row_id: str) -> str:

@@ -6,6 +6,7 @@ DICOM/NIfTI folders with a reports CSV are read by `radscribe.data.medical` and 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,7 +42,6 @@ class Row:
 TRUTH_COLUMNS = ("modality", "organ", "location", "density", "size", "area_pct", "finding")
 DEMO_COLUMNS = ("image", "caption")  # 25M_demo: image struct (bytes + path), id, caption
 FULL_COLUMNS = ("file_name", "caption")  # 25M_full: file_name, caption, source; images in a folder
-BATCH_ROWS = 256
 
 
 def parquet_files(inputs: str | Path | list) -> list[Path]:
@@ -92,53 +92,94 @@ def check_schema(path: Path, images_dir: str | None) -> str:
                          f"{', '.join(missing_full)} (25M_full layout); found: {', '.join(sorted(names))}")
 
 
-def medtrinity_rows(inputs: str | Path | list, images_dir: str | None = None, group_by: str | None = None,
-                    start: int = 0) -> Iterator[Row]:
-    """Stream `Row`s from MedTrinity-25M-shaped parquet, one record batch at a time (memory stays flat).
+@dataclass(frozen=True)
+class RowGroup:
+    """One parquet row group: the unit `prepare` reads, verifies and checkpoints (memory ~ one row group)."""
+
+    path: str
+    """The parquet file."""
+    group: int
+    """Row-group number inside the file."""
+    first_index: int
+    """Index in the file of the group's first row."""
+    num_rows: int
+    """Rows in the group (from the footer)."""
+    layout: str
+    """`demo` or `full` (see `check_schema`)."""
+
+
+def row_groups(inputs: str | Path | list, images_dir: str | None = None) -> list[RowGroup]:
+    """Every row group of the inputs, in order, from the parquet footers alone (no data read)."""
+    import pyarrow.parquet as pq
+
+    units = []
+    for path in parquet_files(inputs):
+        layout = check_schema(path, images_dir)
+        meta = pq.ParquetFile(path).metadata
+        first = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            units.append(RowGroup(str(path), g, first, n, layout))
+            first += n
+    return units
+
+
+_RESOLVERS: dict[str, "_ImageResolver"] = {}
+
+
+def read_row_group(unit: RowGroup, images_dir: str | None = None, group_by: str | None = None) -> Iterator[Row]:
+    """Stream the `Row`s of one row group, a few at a time.
 
     `25M_demo`: `image` (struct of bytes + path, or binary), `id`, `caption`. `25M_full`: `file_name`, `caption`,
-    `source`, with the image read from `images_dir / file_name`. `group_by` fills `Row.group`: `source`,
-    `patient`, or a regular expression searched in the file name (its first group if it has one, else the match).
-    `start` skips that many rows using the parquet footers, so a resumed run does not re-read them.
+    `source`, the image read from `images_dir / file_name`. `group_by` fills `Row.group`: `source`, `patient`, or
+    a regex searched in the file name (its first group if it has one, else the whole match).
     """
     import pyarrow.parquet as pq
 
-    files = parquet_files(inputs)
-    layouts = [check_schema(f, images_dir) for f in files]
-    pattern = _group_pattern(group_by)
-    resolver = _ImageResolver(images_dir) if images_dir else None
-    for path, layout in zip(files, layouts):
-        pf = pq.ParquetFile(path)
-        if start >= pf.metadata.num_rows:
-            start -= pf.metadata.num_rows
+    # No pre-buffering and small batches: a row group of large images is never held whole in memory.
+    pf = pq.ParquetFile(unit.path, pre_buffer=False, buffer_size=1 << 20)
+    names = set(pf.schema_arrow.names)
+    columns = [c for c in ("image", "id", "caption", "file_name", "source", "patient", *TRUTH_COLUMNS) if c in names]
+    pattern = group_pattern(group_by)
+    resolver = None
+    if unit.layout == "full":
+        # One resolver per process: its base-name index of the images folder is built at most once.
+        resolver = _RESOLVERS.get(images_dir) or _RESOLVERS.setdefault(images_dir, _ImageResolver(images_dir))
+    index = unit.first_index
+    for batch in pf.iter_batches(batch_size=32, row_groups=[unit.group], columns=columns, use_threads=False):
+        # Column by column: ~4x cheaper than converting struct rows to dicts.
+        data = {}
+        for name in columns:
+            column = batch.column(name)
+            if name == "image" and hasattr(column.type, "get_field_index"):
+                data["image"] = column.field("bytes").to_pylist()
+                data["image_path"] = column.field("path").to_pylist() if column.type.get_field_index("path") >= 0 \
+                    else [None] * batch.num_rows
+                data["image_null"] = column.is_null().to_pylist()
+            else:
+                data[name] = column.to_pylist()
+        for i in range(batch.num_rows):
+            rec = {name: values[i] for name, values in data.items()}
+            yield _row(rec, unit.layout, unit.path, index, pattern, group_by, resolver)
+            index += 1
+
+
+def medtrinity_rows(inputs: str | Path | list, images_dir: str | None = None, group_by: str | None = None,
+                    start: int = 0) -> Iterator[Row]:
+    """Stream `Row`s from MedTrinity-25M-shaped parquet, one row group at a time (memory stays flat).
+
+    `start` skips that many rows using the parquet footers, so a resumed run does not re-read them.
+    """
+    group_pattern(group_by)  # a bad regex fails before any reading
+    for unit in row_groups(inputs, images_dir):
+        if start >= unit.num_rows:
+            start -= unit.num_rows
             continue
-        names = set(pf.schema_arrow.names)
-        # Skip whole row groups from the footer, then the remainder inside the first group read.
-        groups, offset = [], 0
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if offset + n > start:
-                groups.append(g)
-            offset += n
-        first_index = sum(pf.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
-        skip = start - first_index
+        yield from itertools.islice(read_row_group(unit, images_dir, group_by), start, None)
         start = 0
-        columns = [c for c in ("image", "id", "caption", "file_name", "source", "patient", *TRUTH_COLUMNS)
-                   if c in names]
-        index = first_index
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=columns):
-            data = batch.to_pydict()
-            for i in range(batch.num_rows):
-                if skip:
-                    skip -= 1
-                    index += 1
-                    continue
-                rec = {c: data[c][i] for c in columns}
-                yield _row(rec, layout, str(path), index, pattern, group_by, resolver)
-                index += 1
 
 
-def _group_pattern(group_by: str | None) -> re.Pattern | None:
+def group_pattern(group_by: str | None) -> re.Pattern | None:
     if group_by in (None, "", "source", "patient", "id"):
         return None
     try:
@@ -150,11 +191,8 @@ def _group_pattern(group_by: str | None) -> re.Pattern | None:
 def _row(rec: dict, layout: str, source: str, index: int, pattern, group_by, resolver) -> Row:
     reject = None
     if layout == "demo":
-        image = rec.get("image")
-        file_name = None
-        if isinstance(image, dict):
-            file_name = image.get("path")
-            image = image.get("bytes")
+        image = None if rec.get("image_null") else rec.get("image")
+        file_name = rec.get("image_path")
         row_id = rec.get("id") or (Path(file_name).stem if file_name else None)
     else:
         file_name = rec.get("file_name")

@@ -65,7 +65,7 @@ def _planted(tmp_path: Path) -> Path:
         {"id": "big", "image": _image(104, size=200)},  # over the pixel limit set below
         {"id": "same-pixels-as-good-0", "image": _image(0)},
     ]
-    return _parquet(tmp_path / "planted.parquet", good[:5] + bad + good[5:])
+    return _parquet(tmp_path / "planted.parquet", good[:5] + bad + good[5:], row_group_size=3)
 
 
 def test_planted_bad_rows_are_accounted_for(tmp_path):
@@ -212,30 +212,27 @@ def test_resume_from_a_torn_checkpoint_gives_identical_output(tmp_path, monkeypa
     prepare(PrepareConfig(out=str(tmp_path / "whole"), **args))
 
     out = tmp_path / "torn"
-    rows_seen = []
-
     class Crash(Exception):
         pass
 
     from radscribe.data import prepare as prepare_module
 
-    real = prepare_module._open_rows
+    real = prepare_module._work_units
 
-    def crashing_rows(cfg, start):
-        rows, total, deid = real(cfg, start)
+    def crashing_units(cfg, done):
+        units, total, deid = real(cfg, done)
 
         def gen():
-            for row in rows:
-                rows_seen.append(row.id)
-                if len(rows_seen) == 11:
+            for n, unit in enumerate(units):
+                if n == 3:
                     raise Crash()
-                yield row
+                yield unit
         return gen(), total, deid
 
-    monkeypatch.setattr(prepare_module, "_open_rows", crashing_rows)
+    monkeypatch.setattr(prepare_module, "_work_units", crashing_units)
     with pytest.raises(Crash):
         prepare(PrepareConfig(out=str(out), **args))
-    monkeypatch.setattr(prepare_module, "_open_rows", real)
+    monkeypatch.setattr(prepare_module, "_work_units", real)
     state = json.loads((out / ".prepare_state.json").read_text())
     assert 0 < state["rows_done"] < 18
     with open(out / "train.json.partial", "ab") as f:
