@@ -48,10 +48,12 @@ class Lexicon:
     def __init__(self, path: str | Path = LEXICON_PATH):
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         self.terms: dict[str, dict[str, list[str]]] = {c: data.get(c) or {} for c in CATEGORIES}
-        self.form_to_term: dict[str, tuple[str, str] | None] = {}
+        self.form_to_term: dict[str, tuple[str, str] | None] = {}  # lower-cased form -> (category, term)
+        surface: list[str] = list(data.get("ignore") or [])
         for category, entries in self.terms.items():
             for term, forms in entries.items():
                 for form in [term, *forms]:
+                    surface.append(str(form))
                     key = str(form).lower()
                     if key in self.form_to_term and self.form_to_term[key] != (category, term):
                         raise RadscribeError(f"{path}: {form!r} is listed under both "
@@ -59,7 +61,7 @@ class Lexicon:
                     self.form_to_term[key] = (category, term)
         for form in data.get("ignore") or []:
             self.form_to_term.setdefault(str(form).lower(), None)
-        self.pattern = _alternation(self.form_to_term)
+        self.pattern = _alternation(surface)
         self.negation = _alternation(data.get("negation") or [])
 
     def mentions(self, text: str) -> list[Mention]:
@@ -100,6 +102,9 @@ def _alternation(forms) -> re.Pattern:
     parts = []
     for form in sorted({str(f) for f in forms}, key=lambda f: (-len(f), f)):
         escaped = re.escape(form)
+        if form.isascii() and form.isupper() and len(form) <= 5:
+            # Abbreviations match only in capitals: "MR"/"DR"/"PET" must not read "Mr.", "Dr." or "pet".
+            escaped = f"(?-i:{escaped})"
         if re.search(r"[A-Za-z]", form) and form.isascii():
             escaped = rf"(?<![A-Za-z]){escaped}(?![A-Za-z])"
         parts.append(escaped)

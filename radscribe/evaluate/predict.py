@@ -112,13 +112,15 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
     scores = {"n": len(rows), "split": cfg.split, "ablate": cfg.ablate, "predict_results": predict_results,
               "metrics": result["metrics"], "config": dataclasses.asdict(cfg)}
 
+    if real is not None:
+        scores["ablation"] = ablation_drop(real, result["columns"], cfg.n_boot, cfg.seed)
+
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "generated_predictions.jsonl", rows)
     _write_json(out / "predict_results.json", predict_results)
     _write_json(out / "scores.json", scores)
     _write_jsonl(out / "per_sample.jsonl", _per_sample_rows(rows, result["columns"]))
     if real is not None:
-        scores["ablation"] = ablation_drop(real, result["columns"], cfg.n_boot, cfg.seed)
         _write_json(out / "ablation.json", scores["ablation"])
     print(format_scores(scores, title=f"{out}"))
     return scores

@@ -58,6 +58,9 @@ def test_extraction_zh_and_en():
     assert zh == {"modality": {"CT"}, "organ": {"brain"}, "location": {"left upper"}, "density": {"high"},
                   "size": {"small"}, "finding": {"nodule"}}
     assert lex.extract(REF_EN) == zh
+    # abbreviations only in capitals; MRI is not also read as MR
+    assert lex.extract("Seen by Dr. Wang and Mr. Li, no pet.")["modality"] == set()
+    assert lex.extract("DR and MRI")["modality"] == {"X-ray", "MRI"}
     # compounds are not read as their characters: 大小 is "size", 左右 "about"
     assert lex.extract("病灶大小约3cm")["size"] == set()
 
