@@ -289,3 +289,22 @@ def test_cli_wrong_schema_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("radscribe prepare: error:") and str(bad) in err
     assert "image, caption" in err
+
+
+def test_cli_full_layout_with_images_folder(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(5):
+        (images / f"vol{i // 2}_s{i}.jpg").write_bytes(_image(i))
+    meta = tmp_path / "meta.parquet"
+    pq.write_table(pa.table({"file_name": [f"vol{i // 2}_s{i}.jpg" for i in range(5)] + ["gone.jpg"],
+                             "caption": [f"r{i}" for i in range(6)], "source": ["s"] * 6}), meta)
+    out = tmp_path / "ds"
+    assert cli_main(["prepare", str(meta), "--images", str(images), "--out", str(out), "--group-by", r"(vol\d+)_",
+                     "--workers", "1", "--lang", "en"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input_rows"] == 6 and summary["reasons"] == {"missing image file": 1}
+    rows = _rows(out, "train") + _rows(out, "val")
+    assert sorted(r["group"] for r in rows) == ["vol0", "vol0", "vol1", "vol1", "vol2"]
+    assert all((out / r["images"][0]).read_bytes() == _image(int(r["id"][-1])) for r in rows)
+    assert rows[0]["messages"][0]["content"] == DEFAULT_PROMPTS["en"]

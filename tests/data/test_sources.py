@@ -107,3 +107,18 @@ def test_synth_truth_columns_become_row_truth(tmp_path):
     rows = list(medtrinity_rows(tmp_path, group_by="patient"))
     assert rows[0].group == rows[1].group == "patient-000000" != rows[2].group
     assert set(rows[0].truth) == {"modality", "organ", "location", "density", "size", "area_pct", "finding"}
+
+
+def test_binary_image_column_and_null_struct(tmp_path):
+    path = tmp_path / "bin.parquet"
+    pq.write_table(pa.table({"image": pa.array([_jpeg(1), None], pa.binary()), "id": ["a", "b"],
+                             "caption": ["x", "y"]}), path)
+    rows = list(medtrinity_rows(path))
+    assert rows[0].image == _jpeg(1) and rows[1].image is None
+    struct = tmp_path / "struct.parquet"
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([None, {"bytes": None, "path": "p.jpg"}], image_type),
+                             "caption": ["x", "y"]}), struct)
+    rows = list(medtrinity_rows(struct))
+    assert [r.image for r in rows] == [None, None]
+    assert [r.id for r in rows] == [None, "p"]  # no id column: the image path's stem, when there is one
