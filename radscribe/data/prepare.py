@@ -264,9 +264,14 @@ def _fingerprint(cfg: PrepareConfig) -> str:
 
     # Not the output folder (a moved dataset is the same dataset), nor the de-identification secret.
     args = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "out", "key")}
-    files = []
-    if cfg.inputs:
-        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in parquet_files(cfg.inputs)]
+    paths = parquet_files(cfg.inputs) if cfg.inputs else []
+    for folder in (cfg.dicom, cfg.nifti):
+        if folder and Path(folder).is_dir():
+            paths += sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    for extra in (cfg.reports, cfg.prompts_file):
+        if extra and Path(extra).is_file():
+            paths.append(Path(extra))
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     blob = json.dumps({"args": args, "files": files}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

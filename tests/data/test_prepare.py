@@ -308,3 +308,27 @@ def test_cli_full_layout_with_images_folder(tmp_path):
     assert sorted(r["group"] for r in rows) == ["vol0", "vol0", "vol1", "vol1", "vol2"]
     assert all((out / r["images"][0]).read_bytes() == _image(int(r["id"][-1])) for r in rows)
     assert rows[0]["messages"][0]["content"] == DEFAULT_PROMPTS["en"]
+
+
+def test_dicom_folder_through_the_real_medical_reader(tmp_path):
+    import shutil
+
+    import pydicom.data
+
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(pydicom.data.get_testdata_file(name, download=False), dicom / name)
+    reports = tmp_path / "reports.csv"
+    reports.write_text("file,report\nCT_small.dcm,CT report\nMR_small.dcm,MR report\nmissing.dcm,lost\n")
+    out = tmp_path / "ds"
+    assert cli_main(["prepare", "--dicom", str(dicom), "--reports", str(reports), "--out", str(out),
+                     "--key", "test-secret", "--workers", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input_rows"] == 3 and summary["train"] + summary["val"] == 2 and summary["rejects"] == 1
+    rows = _rows(out, "train") + _rows(out, "val")
+    assert sorted(r["messages"][1]["content"] for r in rows) == ["CT report", "MR report"]
+    assert all(r["images"][0].endswith(".png") and "CT_small" not in r["id"] for r in rows)
+    deid = json.loads((out / "deid_report.json").read_text())
+    assert deid["dropped_fields"]["PatientName"] == 2
+    assert "test-secret" not in (out / "summary.json").read_text()
