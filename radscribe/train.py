@@ -15,6 +15,7 @@ in every worker); multi-node users can run that same command under their own tor
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -248,11 +249,24 @@ class Encoder:
         count = text.count(IMAGE_PAD)
         taken = queue[:count]
         del queue[:count]
-        enc = dict(self.processor(text=[text], images=taken or None, return_tensors="pt"))
+        if taken:
+            enc = dict(self.processor(text=[text], images=taken, return_tensors="pt"))
+        else:
+            # Text-only pieces skip the processor (its per-call overhead was half the encoding time); the
+            # per-token keys it would add are constant for text: mask 1, token type 0 (not an image token).
+            ids = self.processor.tokenizer([text], add_special_tokens=False, return_tensors="pt")["input_ids"]
+            enc = {key: torch.ones_like(ids) if key == "attention_mask" else torch.zeros_like(ids)
+                   for key in self.sequence_keys}
+            enc["input_ids"] = ids
         ids = enc["input_ids"]
         enc["labels"] = ids.clone() if label else torch.full_like(ids, IGNORE_INDEX)
         enc["is_label"] = label
         return enc
+
+    @functools.cached_property
+    def sequence_keys(self) -> list[str]:
+        """The per-token keys this processor returns for text (input_ids, attention_mask, mm_token_type_ids...)."""
+        return [k for k in self.processor(text=["x"], return_tensors="pt") if k in SEQUENCE_KEYS]
 
     def _shrunk(self, images: list, first: dict) -> list:
         """Downscale the images so that the first prompt + one report token fit, or reject the sample."""
