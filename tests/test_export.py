@@ -78,8 +78,7 @@ def test_export_matches_base_plus_adapter(tmp_path, arch):
 def test_export_4bit_is_prequantised_and_matches_quantised_load(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    # vision hidden 64: every linear is at least one 64-wide nf4 block, which bitsandbytes' CPU path needs.
-    base = build_tiny_model("qwen3_vl_moe", tmp_path / "base", seed=0, vision_hidden=64)
+    base = build_tiny_model("qwen3_vl_moe", tmp_path / "base", seed=0)
     adapter = make_adapter(base, tmp_path / "adapter", experts=True)
     full = export(base, adapter, tmp_path / "full")
     q4 = export(base, adapter, tmp_path / "q4", quantize="4bit")
@@ -93,6 +92,13 @@ def test_export_4bit_is_prequantised_and_matches_quantised_load(tmp_path):
     kinds = {name: type(m).__name__ for name, m in loaded.named_modules()}
     assert kinds["model.language_model.layers.0.self_attn.q_proj"] == "Linear4bit"
     assert kinds["lm_head"] == "Linear"
+    assert not any(kind == "Linear4bit" for name, kind in kinds.items() if name.startswith("model.visual"))
+    # bitsandbytes leaves the 3-D expert tensors alone: they load back unquantised, in the merge's values.
+    merged = AutoModelForImageTextToText.from_pretrained(full)
+    for layer, merged_layer in zip(loaded.model.language_model.layers, merged.model.language_model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            ours, reference = getattr(layer.mlp.experts, name), getattr(merged_layer.mlp.experts, name)
+            assert ours.dtype == torch.bfloat16 and torch.equal(ours, reference.to(torch.bfloat16))
     reference, processor = load_model(full, dtype="bf16", quantization="4bit", device="cpu")
     assert greedy(loaded, processor)[0] == greedy(reference, processor)[0]
 
