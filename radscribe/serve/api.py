@@ -236,7 +236,12 @@ def create_app(engine, cfg: ServeConfig | None = None):
             return StreamingResponse(_sse(batcher, gen, completion_id, created, cfg.model_name, params),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text = await asyncio.wrap_future(batcher.submit(gen))
+        try:
+            text = await asyncio.wrap_future(batcher.submit(gen))
+        except Exception as err:  # the engine failed (e.g. out of memory): answer, log one line, keep serving
+            print(f"radscribe serve: generation failed: {type(err).__name__}: {err}", flush=True)
+            return error(500, f"generation failed ({type(err).__name__}); the server is still up",
+                         kind="server_error")
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": cfg.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},

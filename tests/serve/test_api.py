@@ -323,3 +323,50 @@ def test_openai_client_works_unchanged_against_the_tiny_model(tiny_engine):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
             client.chat.completions.create(model="radscribe-tiny", messages=messages, max_tokens=10**6)
+
+
+class FailingEngine(ScriptedEngine):
+    """Generation blows up for prompts saying "boom"; streams of "forever" never end on their own."""
+
+    def generate(self, requests):
+        if any("boom" in self._answer(r) for r in requests):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().generate(requests)
+
+    def stream(self, request):
+        text = self._answer(request)
+        if "boom" in text:
+            yield "partial "
+            raise RuntimeError("simulated failure mid-stream")
+        if "forever" in text:
+            self.stream_closed = False
+            try:
+                while True:
+                    time.sleep(0.01)
+                    yield "more "
+            finally:
+                self.stream_closed = True
+        yield from super().stream(request)
+
+
+def test_engine_failures_and_abandoned_streams_do_not_take_the_server_down():
+    engine = FailingEngine()
+    with serve_in_thread(create_app(engine, ServeConfig())) as url:
+        reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("boom")]})
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        healthy_text = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("fine")]}).json()
+        assert healthy_text["choices"][0]["message"]["content"] == "report no-image for fine"
+
+        with httpx.stream("POST", f"{url}/v1/chat/completions",
+                          json={"stream": True, "messages": [user("boom")]}) as resp:
+            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
+
+        # A client that walks away from an endless stream frees the worker for everyone else.
+        with httpx.stream("POST", f"{url}/v1/chat/completions",
+                          json={"stream": True, "messages": [user("forever")]}) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+        after = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("next")]}, timeout=20)
+        assert after.json()["choices"][0]["message"]["content"] == "report no-image for next"
+        assert engine.stream_closed
