@@ -69,6 +69,8 @@ class DataSection:
     """Images are never downscaled below this, neither by the cap above nor to fit `cutoff_len`."""
     max_samples: int | None = None
     """Use only the first N training rows (quick runs)."""
+    cache_mib: int = 1024
+    """Keep encoded samples (token ids, pixel values) in memory up to this size; the rest are re-encoded on access."""
 
 
 @dataclass
@@ -323,31 +325,41 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
 
 
 class EncodedDataset:
-    """Samples encoded on access (images are decoded lazily, so memory does not grow with the dataset)."""
+    """Training samples: encoded once by `plan_split` and kept while they fit the memory budget, else re-encoded
+    on access (images decoded lazily), so memory stays bounded on large datasets."""
 
-    def __init__(self, samples: list, encoder: Encoder):
-        self.samples, self.encoder = samples, encoder
+    def __init__(self, samples: list, encoded: list, encoder: Encoder):
+        self.samples, self.encoded, self.encoder = samples, encoded, encoder
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        return self.encoder(self.samples[index])
+        cached = self.encoded[index]
+        return cached if cached is not None else self.encoder(self.samples[index])
 
 
-def plan_split(samples: list, encoder: Encoder, desc: str) -> tuple[list, list[dict]]:
-    """Encode every sample once: keep the trainable ones, count the rest by reason (nothing is dropped silently)."""
+def plan_split(samples: list, encoder: Encoder, desc: str, cache_bytes: int) -> tuple[EncodedDataset, list[dict]]:
+    """Encode every sample once: keep the trainable ones, count the rest by reason (nothing is dropped silently).
+
+    Encoded samples are kept in memory up to `cache_bytes`: the encoding (processor call per row) costs more than a
+    tiny model's step, and this pass pays it anyway.
+    """
     from tqdm import tqdm
 
-    kept, rejects = [], []
-    for sample in tqdm(samples, desc=desc, unit="row", disable=not _is_main()):
+    kept, encoded, rejects, used = [], [], [], 0
+    for sample in tqdm(samples, desc=f"encoding {desc}", unit="row", disable=not _is_main()):
         try:
-            encoder(sample)
+            features = encoder(sample)
         except Rejected as err:
             rejects.append({"id": sample.id, "split": desc, "reason": str(err)})
             continue
+        size = sum(v.numel() * v.element_size() for v in features.values())
+        keep = used + size <= cache_bytes
+        used += size if keep else 0
         kept.append(sample)
-    return kept, rejects
+        encoded.append(features if keep else None)
+    return EncodedDataset(kept, encoded, encoder), rejects
 
 
 # --- setup -------------------------------------------------------------------------------------------------
@@ -539,8 +551,12 @@ def train(cfg: TrainConfig) -> Path:
     _say(f"trainable parameters: {trainable:,} of {total:,} ({described['trainable_percent']} %)")
 
     encoder = Encoder(processor, cfg.data.cutoff_len, cfg.data.image_max_pixels, cfg.data.image_min_pixels)
-    train_rows, rejects = plan_split(train_rows, encoder, "train")
-    val_rows, val_rejects = plan_split(val_rows, encoder, "val")
+    encode_started = time.perf_counter()
+    cache = cfg.data.cache_mib * 2**20
+    train_set, rejects = plan_split(train_rows, encoder, "train", cache)
+    val_set, val_rejects = plan_split(val_rows, encoder, "val", cache - _cached_bytes(train_set))
+    encode_seconds = time.perf_counter() - encode_started
+    train_rows, val_rows = train_set.samples, val_set.samples
     rejects += val_rejects
     if not train_rows:
         raise RadscribeError(f"{cfg.data.dataset}: no trainable samples ({dict(Counter(r['reason'] for r in rejects))})")
@@ -558,8 +574,7 @@ def train(cfg: TrainConfig) -> Path:
     samples_per_step = cfg.train.per_device_batch * cfg.train.grad_accum * world
     trainer = Trainer(
         model=model, args=args,
-        train_dataset=EncodedDataset(train_rows, encoder),
-        eval_dataset=EncodedDataset(val_rows, encoder) if val_rows else None,
+        train_dataset=train_set, eval_dataset=val_set if val_rows else None,
         data_collator=lambda features: collate(features, pad_id),
         callbacks=[_trainer_callback_class()(run, samples_per_step)],
     )
@@ -584,7 +599,7 @@ def train(cfg: TrainConfig) -> Path:
             "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None,
             "eval_loss_start": evals[0] if evals else None, "eval_loss": final_eval.get("eval_loss"),
-            "runtime_s": round(runtime, 2), "tokens_seen": trainer.state.num_input_tokens_seen,
+            "runtime_s": round(runtime, 2), "encode_s": round(encode_seconds, 2), "tokens_seen": trainer.state.num_input_tokens_seen,
             "trainable_parameters": trainable, "total_parameters": total,
             "lora_targets": described["lora_modules"], "lora_module_count": described["lora_module_count"],
             "lora_expert_parameters": described["lora_expert_parameters"], "lora_dropout": cfg.lora.dropout if cfg.lora.enabled else None,
@@ -594,6 +609,10 @@ def train(cfg: TrainConfig) -> Path:
         plot_loss(run)
     _barrier()
     return run
+
+
+def _cached_bytes(dataset: EncodedDataset) -> int:
+    return sum(v.numel() * v.element_size() for f in dataset.encoded if f is not None for v in f.values())
 
 
 def _read(read_split, dataset: str, split: str | None, required: bool) -> list:

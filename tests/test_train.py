@@ -330,3 +330,10 @@ def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir, tiny_datase
     assert json.loads((tmp_path / "killed" / "train_summary.json").read_text())["steps"] == 100
     logged = [r["step"] for r in read_log(tmp_path / "killed") if "loss" in r]
     assert logged == [r["step"] for r in read_log(tmp_path / "straight") if "loss" in r]  # no step twice
+
+
+def test_encoded_cache_changes_nothing_but_speed(tiny_model_dir, tiny_dataset, tmp_path):
+    runs = [train(_cfg(tiny_model_dir("qwen3_vl"), tiny_dataset, tmp_path / f"c{mib}", f"data.cache_mib={mib}",
+                       "train.max_steps=3", "train.logging_steps=1", "data.val_split=null")) for mib in (0, 1024)]
+    uncached, cached = ([r["loss"] for r in read_log(run) if "loss" in r] for run in runs)
+    assert len(cached) == 3 and cached == uncached
