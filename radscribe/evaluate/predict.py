@@ -14,6 +14,8 @@ Where outputs live: `DIR/<split>[-<ablation>]/`, with DIR = `--out`, or `RUN/eva
                                ground-truth accuracy on synthetic data), the config and the sample count
   per_sample.jsonl             the per-sample columns behind scores.json (the report's paired comparisons use them)
   ablation.json                (ablation runs) each score on real vs ablated images, the drop and its paired CI
+While generating, finished batches go to generated_predictions.partial.jsonl: rerunning an interrupted eval with the
+same settings resumes there.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
             evaluate(real_cfg, engine)
             real = _load_columns(output_dir(real_cfg), [s.id for s in samples])
 
-    rows, runtime, steps = _predict(cfg, engine, samples)
+    rows, runtime, steps = _predict(cfg, engine, samples, out)
     result = score_rows(rows, cfg.n_boot, cfg.seed, cfg.workers)
     predict_results = {**result["predict"], "predict_runtime": round(runtime, 4),
                        "predict_samples_per_second": round(len(rows) / runtime, 3),
@@ -122,22 +124,35 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
     _write_jsonl(out / "per_sample.jsonl", _per_sample_rows(rows, result["columns"]))
     if real is not None:
         _write_json(out / "ablation.json", scores["ablation"])
+    (out / "generated_predictions.partial.jsonl").unlink(missing_ok=True)
     print(format_scores(scores, title=f"{out}"))
     return scores
 
 
-def _predict(cfg: EvalConfig, engine, samples) -> tuple[list[dict], float, int]:
-    """Generate one report per sample, `batch_size` at a time; images are loaded per batch."""
+def _predict(cfg: EvalConfig, engine, samples, out: Path) -> tuple[list[dict], float, int]:
+    """Generate one report per sample, `batch_size` at a time; images are loaded per batch.
+
+    Each finished batch is appended to OUT/generated_predictions.partial.jsonl, so an interrupted eval resumes
+    where it stopped when rerun with the same settings (batch size aside: batched greedy equals batch-1 output).
+    """
     from tqdm import tqdm
 
     from radscribe.data.dataset import to_chat
     from radscribe.serve.engine import Request, load_request_image
 
     image_of = _image_plan(cfg, samples)
-    rows, steps, start = [], 0, time.perf_counter()
-    with tqdm(total=len(samples), desc=f"eval {cfg.split}" + (f" ({cfg.ablate})" if cfg.ablate else ""),
-              unit="sample") as bar:
-        for first in range(0, len(samples), cfg.batch_size):
+    partial = out / "generated_predictions.partial.jsonl"
+    rows, runtime, steps = _resume(partial, cfg, samples)
+    out.mkdir(parents=True, exist_ok=True)
+    # Rewritten whole: drops a batch line cut off by the interruption before new batches are appended.
+    header = json.dumps({"settings": _settings(cfg)}) + "\n"
+    saved = json.dumps({"seconds": runtime, "steps": steps, "rows": rows}, ensure_ascii=False) + "\n"
+    partial.write_text(header + (saved if rows else ""), encoding="utf-8")
+    with tqdm(total=len(samples), initial=len(rows), unit="sample",
+              desc=f"eval {cfg.split}" + (f" ({cfg.ablate})" if cfg.ablate else "")) as bar, \
+            partial.open("a", encoding="utf-8") as log:
+        for first in range(len(rows), len(samples), cfg.batch_size):
+            start = time.perf_counter()
             batch = samples[first:first + cfg.batch_size]
             requests = []
             for offset, sample in enumerate(batch):
@@ -146,15 +161,51 @@ def _predict(cfg: EvalConfig, engine, samples) -> tuple[list[dict], float, int]:
                 requests.append(Request(messages=to_chat(prompt_turns, images), max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
             answers = engine.generate(requests, batch_size=cfg.batch_size)
-            steps += 1
+            batch_rows = []
             for sample, answer in zip(batch, answers):
                 row = {"prompt": sample.prompt, "predict": answer, "label": sample.report, "id": sample.id,
                        "image": [str(Path(p).resolve()) for p in sample.images]}
                 if sample.truth:
                     row["truth"] = sample.truth
-                rows.append(row)
+                batch_rows.append(row)
+            seconds = time.perf_counter() - start
+            log.write(json.dumps({"seconds": seconds, "rows": batch_rows}, ensure_ascii=False) + "\n")
+            log.flush()
+            rows += batch_rows
+            runtime += seconds
+            steps += 1
             bar.update(len(batch))
-    return rows, time.perf_counter() - start, steps
+    return rows, runtime, steps
+
+
+def _settings(cfg: EvalConfig) -> dict:
+    """What must not change for saved predictions to be reused."""
+    keep = ("model", "adapter", "data", "split", "limit", "ablate", "max_new_tokens", "temperature", "top_p",
+            "seed", "dtype")
+    return {k: getattr(cfg, k) for k in keep}
+
+
+def _resume(partial: Path, cfg: EvalConfig, samples) -> tuple[list[dict], float, int]:
+    """Rows, generation seconds and steps saved by an interrupted run with the same settings, else nothing."""
+    if not partial.is_file():
+        return [], 0.0, 0
+    rows, runtime, steps = [], 0.0, 0
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("settings") != _settings(cfg):
+            return [], 0.0, 0
+        for line in lines[1:]:
+            entry = json.loads(line)
+            rows += entry["rows"]
+            runtime += entry["seconds"]
+            steps += entry.get("steps", 1)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        pass  # a batch cut off mid-write: keep the batches read so far
+    if [r["id"] for r in rows] != [s.id for s in samples[:len(rows)]]:
+        return [], 0.0, 0
+    if rows:
+        print(f"resuming {partial}: {len(rows)} of {len(samples)} samples already generated")
+    return rows, runtime, steps
 
 
 def _image_plan(cfg: EvalConfig, samples):

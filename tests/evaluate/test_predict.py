@@ -1,5 +1,6 @@
 """`radscribe eval` / `score`: files in LLaMA-Factory's format, scores that match, ablations that expose a model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -111,3 +112,39 @@ def test_eval_with_adapter_writes_into_the_run_folder(tiny_model_dir, small_data
     tuned = [json.loads(l)["predict"] for l in (run / "eval" / "val" / "generated_predictions.jsonl").open()]
     base = [json.loads(l)["predict"] for l in (tmp_path / "base" / "val" / "generated_predictions.jsonl").open()]
     assert len(tuned) == len(base) == 3 and tuned != base
+
+
+class FlakyEngine:
+    """Numbers its answers; raises on its `fail_at`-th call (an interrupted eval)."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.seen, self.fail_at = 0, 0, fail_at
+
+    def generate(self, requests, batch_size=None):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        self.seen += len(requests)
+        return [f"answer {self.seen - len(requests) + i}" for i in range(len(requests))]
+
+
+def test_interrupted_eval_resumes(small_dataset, tmp_path):
+    cfg = EvalConfig(model="m", data=str(small_dataset), out=str(tmp_path), batch_size=3, n_boot=20)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg, engine=FlakyEngine(fail_at=3))  # 2 batches (6 samples) done, then interrupted
+    assert (tmp_path / "val" / "generated_predictions.partial.jsonl").is_file()
+    resumed = FlakyEngine()
+    evaluate(cfg, engine=resumed)
+    assert resumed.seen == 2  # only the last 2 of 8 samples were generated again
+    rows = [json.loads(l) for l in (tmp_path / "val" / "generated_predictions.jsonl").open()]
+    assert [r["id"] for r in rows] == [s.id for s in read_split(small_dataset, "val")]
+    assert [r["predict"] for r in rows] == [f"answer {i}" for i in range(6)] + ["answer 0", "answer 1"]
+    assert not (tmp_path / "val" / "generated_predictions.partial.jsonl").exists()
+    results = json.loads((tmp_path / "val" / "predict_results.json").read_text())
+    assert results["predict_steps_per_second"] > 0
+    # predictions saved under other settings are never reused
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg, engine=FlakyEngine(fail_at=2))
+    fresh = FlakyEngine()
+    evaluate(dataclasses.replace(cfg, max_new_tokens=7), engine=fresh)
+    assert fresh.seen == 8
