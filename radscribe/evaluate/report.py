@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from radscribe.errors import RadscribeError
 from radscribe.evaluate import stats
@@ -320,6 +321,8 @@ def _html(runs, figures, comparisons, samples) -> str:
             h.append(_html_table(["score", "value [95% CI]"], [[n, _ci(m)] for n, m in e.scores["metrics"].items()]))
             if e.scores.get("predict_results"):
                 h.append(f"<pre>{html.escape(json.dumps(e.scores['predict_results'], indent=1))}</pre>")
+            if e.scores.get("config"):  # what was evaluated: model, adapter, split, generation settings
+                h.append(f"<pre>{html.escape(yaml.safe_dump(e.scores['config'], sort_keys=False))}</pre>")
             h.append("</details>")
         if r.config:
             h.append(f"<details><summary>{html.escape(r.label)}: config.yaml</summary>"

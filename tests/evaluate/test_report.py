@@ -52,6 +52,7 @@ def test_report_contents(two_runs, tmp_path):
                     r"<td>([^<]*)</td><td>([^<]*)</td></tr>", page)
     assert row and float(row.group(2)) == 100.0 and float(row.group(3)) > 0 and row.group(5) == "yes"
     assert "Image-grounding checks" in page and "Loss curves" in page and "rank: 16" in page
+    assert "max_new_tokens: 512" in page  # each eval's own settings
     # samples: reference and both runs' reports side by side
     assert page.count("class='sample'") == 6 and page.count("<b>run-lora</b>") == 6
     assert "![loss](loss.png)" in md and (out / "loss.png").is_file() and (out / "sample-0.png").is_file()
