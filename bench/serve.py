@@ -150,11 +150,13 @@ def main() -> None:
                           f"{r['rps']:.2f} req/s, p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s", flush=True)
                     if r["errors"]:
                         print(f"  first error: {r['first_error']}", flush=True)
+            mean_batch = {label: httpx.get(f"http://127.0.0.1:{args.port + i}/health").json()["mean_batch"]
+                          for i, (label, _) in enumerate(modes)}
         finally:
             for proc in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-    rows = [(label, merge(results[label])) for label, _ in modes]
+    rows = [(label, {**merge(results[label]), "mean_batch": mean_batch[label]}) for label, _ in modes]
     load_after = os.getloadavg()
     speedup = rows[1][1]["rps"] / rows[0][1]["rps"] if rows[0][1]["rps"] else float("nan")
     print(f"speed-up from batching at {args.clients} clients: {speedup:.2f}x")
@@ -180,13 +182,14 @@ def write_table(path: Path, args, rows, speedup: float, load_before, load_after)
         "throughout); one 128x128 PNG per request (8 different images), "
         f"max_tokens {args.max_tokens}, greedy",
         "",
-        "| batching | completed | errors | requests/s | requests/s per round | p50 latency (s) | p99 latency (s) |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| batching | completed | errors | requests/s | requests/s per round | p50 latency (s) | p99 latency (s) "
+        "| mean batch |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for label, r in rows:
         per_round = ", ".join(f"{x:.1f}" for x in r["round_rps"])
         lines.append(f"| {label} | {r['completed']} | {r['errors']} | {r['rps']:.2f} | {per_round} | {r['p50_s']:.3f} | "
-                     f"{r['p99_s']:.3f} |")
+                     f"{r['p99_s']:.3f} | {r['mean_batch']} |")
     lines += ["", f"Speed-up from batching at {args.clients} clients: **{speedup:.2f}x** (target >= 2x).", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")

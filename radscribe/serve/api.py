@@ -71,7 +71,8 @@ class Batcher:
         self.engine = engine
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000
-        self.batch_sizes: list[int] = []  # one entry per engine.generate call (tests and the bench read it)
+        self.generate_calls = 0  # with `batched_requests`, reported by /health (the bench reads the mean batch)
+        self.batched_requests = 0
         self._queue: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="radscribe-batcher", daemon=True)
         self._worker.start()
@@ -116,16 +117,22 @@ class Batcher:
                 group.append(nxt)
             self._run_group(group)
 
-    def _run_group(self, group: list["_Job"]) -> None:
-        group = [j for j in group if j.future.set_running_or_notify_cancel()]
+    def _run_group(self, group: list["_Job"], retry: bool = False) -> None:
+        if not retry:
+            group = [j for j in group if j.future.set_running_or_notify_cancel()]
         if not group:
             return
-        self.batch_sizes.append(len(group))
+        self.generate_calls += 1
+        self.batched_requests += len(group)
         try:
             texts = self.engine.generate([j.request for j in group])
-        except Exception as err:  # one bad group must not take the worker down
+        except Exception as err:
+            if len(group) == 1:
+                group[0].future.set_exception(err)
+                return
+            # One bad request must not fail its neighbours: retry each alone, so only the culprit gets the error.
             for j in group:
-                j.future.set_exception(err)
+                self._run_group([j], retry=True)
             return
         for j, text in zip(group, texts):
             j.future.set_result(text)
@@ -217,7 +224,9 @@ def create_app(engine, cfg: ServeConfig | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": cfg.model_name, "queued": batcher._queue.qsize()}
+        calls = batcher.generate_calls
+        return {"status": "ok", "model": cfg.model_name, "queued": batcher._queue.qsize(), "generate_calls": calls,
+                "mean_batch": round(batcher.batched_requests / calls, 3) if calls else None}
 
     @app.get("/v1/models")
     async def models():

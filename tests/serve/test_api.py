@@ -370,3 +370,23 @@ def test_engine_failures_and_abandoned_streams_do_not_take_the_server_down():
         after = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("next")]}, timeout=20)
         assert after.json()["choices"][0]["message"]["content"] == "report no-image for next"
         assert engine.stream_closed
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours():
+    engine = FailingEngine(delay_s=0.1)
+    with serve_in_thread(create_app(engine, ServeConfig(max_batch=8, batch_wait_ms=50))) as url:
+        replies = [None] * 6
+
+        def client(i):
+            text = "boom" if i == 3 else f"fine {i}"
+            replies[i] = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user(text)]}, timeout=30)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in replies] == [200, 200, 200, 500, 200, 200]
+        assert replies[5].json()["choices"][0]["message"]["content"] == "report no-image for fine 5"
+        health = httpx.get(f"{url}/health").json()
+        assert health["generate_calls"] >= 1 and health["mean_batch"] >= 1
