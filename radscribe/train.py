@@ -559,7 +559,8 @@ def train(cfg: TrainConfig) -> Path:
     train_rows, val_rows = train_set.samples, val_set.samples
     rejects += val_rejects
     if not train_rows:
-        raise RadscribeError(f"{cfg.data.dataset}: no trainable samples ({dict(Counter(r['reason'] for r in rejects))})")
+        reasons = dict(Counter(r["reason"] for r in rejects))
+        raise RadscribeError(f"{cfg.data.dataset}: no trainable samples (rejected: {reasons}); raise data.cutoff_len")
     if rejects:
         _say(f"rejected {len(rejects)} sample(s): {dict(Counter(r['reason'] for r in rejects))}")
     if _is_main():
@@ -599,11 +600,12 @@ def train(cfg: TrainConfig) -> Path:
             "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None,
             "eval_loss_start": evals[0] if evals else None, "eval_loss": final_eval.get("eval_loss"),
-            "runtime_s": round(runtime, 2), "encode_s": round(encode_seconds, 2), "tokens_seen": trainer.state.num_input_tokens_seen,
+            "runtime_s": round(runtime, 2), "encode_s": round(encode_seconds, 2),
+            "tokens_seen": trainer.state.num_input_tokens_seen,
             "trainable_parameters": trainable, "total_parameters": total,
             "lora_targets": described["lora_modules"], "lora_module_count": described["lora_module_count"],
-            "lora_expert_parameters": described["lora_expert_parameters"], "lora_dropout": cfg.lora.dropout if cfg.lora.enabled else None,
-            "output": out_dir.name,
+            "lora_expert_parameters": described["lora_expert_parameters"],
+            "lora_dropout": cfg.lora.dropout if cfg.lora.enabled else None, "output": out_dir.name,
         }
         (run / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_loss(run)
@@ -732,7 +734,9 @@ def emit_llamafactory(cfg: TrainConfig) -> Path:
         "trust_remote_code": True,
         "stage": "sft", "do_train": True,
         "finetuning_type": "lora" if lora.enabled else "full",
-        "freeze_vision_tower": not lora.vision_tower, "freeze_multi_modal_projector": not lora.merger,
+        # LLaMA-Factory's `lora_target: all` reaches the tower/merger only when they are not frozen
+        "freeze_vision_tower": lora.enabled and not lora.vision_tower,
+        "freeze_multi_modal_projector": lora.enabled and not lora.merger,
         "dataset_dir": str(dataset), "dataset": "radscribe_train",
         "template": LLAMAFACTORY_TEMPLATES[model_type], "cutoff_len": cfg.data.cutoff_len,
         "overwrite_cache": True, "preprocessing_num_workers": 16,
