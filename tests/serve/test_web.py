@@ -53,7 +53,7 @@ def phantom_png(path: Path) -> Path:
     return path
 
 
-def test_upload_png_streams_a_report_and_answers_a_follow_up(server, browser, tmp_path):
+def test_upload_png_streams_a_report_and_answers_a_follow_up(browser, server, tmp_path):
     image_path = phantom_png(tmp_path / "phantom.png")
     page = browser.new_page(viewport={"width": 1200, "height": 800})
     page.set_default_timeout(20_000)
@@ -99,7 +99,7 @@ def test_upload_png_streams_a_report_and_answers_a_follow_up(server, browser, tm
         shutil.copy(shot, os.environ["RADSCRIBE_KEEP_SCREENSHOT"])
 
 
-def test_dicom_upload_is_previewed_with_the_chosen_window(server, browser, tmp_path):
+def test_dicom_upload_is_previewed_with_the_chosen_window(browser, server, tmp_path):
     from pydicom.data import get_testdata_file
 
     dicom = tmp_path / "ct.dcm"
