@@ -333,7 +333,10 @@ def _completion_params(body: dict, cfg: ServeConfig) -> dict:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestRejected("`stream` must be true or false", param="stream")
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stream": stream}
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestRejected("`seed` must be an integer", param="seed")
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stream": stream, "seed": seed}
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -404,11 +407,12 @@ def _engine_request(messages: list[dict], params: dict):
     from radscribe.serve.engine import Request
 
     return Request(messages=messages, max_new_tokens=params["max_tokens"], temperature=params["temperature"],
-                   top_p=params["top_p"])
+                   top_p=params["top_p"], seed=params["seed"])
 
 
 def _finish_reason(engine, text: str, max_tokens: int) -> str:
-    # The engine returns text only; a reply that used the whole budget was cut, not finished.
+    # The engine returns text only, so the token count is re-derived from the text: exact for ordinary text,
+    # an overcount when generation stopped inside a multi-byte character (then "length" may be reported early).
     tokenizer = getattr(getattr(engine, "processor", None), "tokenizer", None)
     if tokenizer is None:
         return "stop"

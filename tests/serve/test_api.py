@@ -93,6 +93,10 @@ def test_models_health_and_a_plain_completion(scripted):
     assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": "report 32x24 for 图片中的诊断结果是怎样?"}
     assert engine.requests[-1].max_new_tokens == 16 and engine.requests[-1].temperature == 0.0
+    body.update(temperature=0.7, top_p=0.9, seed=11)
+    httpx.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
+    r = engine.requests[-1]
+    assert (r.temperature, r.top_p, r.seed) == (0.7, 0.9, 11)
 
 
 @pytest.mark.parametrize("media, make", [("image/jpeg", "JPEG"), ("image/webp", "WEBP")])
@@ -160,6 +164,7 @@ BAD_REQUESTS = [
     ("max_tokens over the limit", {"messages": [user("q")], "max_tokens": 100000}, 400, "max_tokens"),
     ("negative temperature", {"messages": [user("q")], "temperature": -1}, 400, "temperature"),
     ("n > 1", {"messages": [user("q")], "n": 3}, 400, "n"),
+    ("seed not an integer", {"messages": [user("q")], "seed": "x"}, 400, "seed"),
     ("bad role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]"),
     ("bad part", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0]"),
     ("file:// URL", {"messages": [user("q", "file:///etc/passwd")]}, 403, "local_files_disabled"),
