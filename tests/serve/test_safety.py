@@ -128,3 +128,53 @@ def test_public_address_classification():
 def test_other_schemes_are_refused(url):
     with pytest.raises(RequestRejected, match="not supported"):
         image_bytes(url, ImagePolicy())
+
+
+def test_allow_listed_fetch_pins_the_checked_address_caps_bytes_and_refuses_redirects(monkeypatch):
+    # Loopback stands in for a public host here: the address check is bypassed for this test only, so the
+    # fetch path itself (pinned connection, Host header, status, byte cap, timeout) runs against a local server.
+    import http.server
+    import threading
+    import time
+
+    from radscribe.serve import safety
+
+    image = png_bytes((9, 7))
+    seen_hosts = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen_hosts.append(self.headers["Host"])
+            if self.path == "/slow.png":
+                time.sleep(1.0)
+            if self.path == "/moved.png":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest")
+                self.end_headers()
+                return
+            body = image + (b"\0" * 5000 if self.path == "/big.png" else b"")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    monkeypatch.setattr(safety, "is_public_address", lambda ip: True)
+    policy = ImagePolicy(allow_hosts=["localhost"], max_image_bytes=len(image) + 100, fetch_timeout_s=0.3)
+    try:
+        assert image_bytes(f"http://localhost:{port}/ok.png", policy) == image
+        assert seen_hosts[-1] == f"localhost:{port}"
+        with pytest.raises(RequestRejected) as err:
+            image_bytes(f"http://localhost:{port}/big.png", policy)
+        assert err.value.status == 413
+        with pytest.raises(RequestRejected, match="HTTP 302"):
+            image_bytes(f"http://localhost:{port}/moved.png", policy)
+        with pytest.raises(RequestRejected, match="timeout|TimeoutError|failed"):
+            image_bytes(f"http://localhost:{port}/slow.png", policy)
+    finally:
+        server.shutdown()
