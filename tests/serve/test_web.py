@@ -118,6 +118,11 @@ def test_dicom_upload_is_previewed_with_the_chosen_window(browser, server, tmp_p
     bone = page.locator("#preview").screenshot()
     assert np.asarray(Image.open(io.BytesIO(lung))).std() > 5
     assert lung != bone  # the server re-windowed the same file
+    page.click("summary")
+    page.fill("#max-tokens", "8")
+    page.click("#generate")
+    page.wait_for_selector(".turn.assistant.done", timeout=60_000)
+    assert page.inner_text(".turn.assistant").strip() and page.inner_text("#status") == "Done."
 
     # A refused upload says why instead of failing silently.
     bad = tmp_path / "notes.png"
