@@ -24,6 +24,9 @@ import io
 import json
 import os
 import re
+import signal
+import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -105,9 +108,12 @@ def verify_image(data: bytes, max_pixels: int) -> tuple[str | None, str, bytes |
     """
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        return "image over pixel limit", str(err), None, ""
     except UnidentifiedImageError:
         return "non-image bytes", f"{len(data)} bytes, starts {data[:8].hex()}", None, ""
     except Exception as err:  # PIL raises many types for corrupt headers
@@ -117,9 +123,8 @@ def verify_image(data: bytes, max_pixels: int) -> tuple[str | None, str, bytes |
         return "image over pixel limit", f"{width}x{height} > {max_pixels} pixels", None, ""
     try:
         if img.format in ("JPEG", "MPO"):
-            # DCT-domain downscaling halves the decode time, yet every entropy-coded byte is still read, so a
-            # truncated or corrupt stream fails exactly as in a full decode (the bytes stored are the originals).
-            # Grey output skips colour conversion; the entropy-coded data of every component is still decoded.
+            # DCT-domain downscaling to grey halves the decode time, yet every entropy-coded byte of every
+            # component is still read, so a truncated stream fails as in a full decode (we store the originals).
             img.draft("L" if img.mode in ("L", "RGB") else img.mode, (max(1, width // 8), max(1, height // 8)))
         img.load()  # a decode: the only honest test of a truncated or corrupt stream
         if img.format == "PNG":
@@ -204,19 +209,20 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise RadscribeError(f"{out} holds a dataset prepared with other arguments or inputs; "
                              f"choose a new --out or delete the folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "images").glob(".tmp-*"):
-        stale.unlink()
+    _remove_stale_temporaries(out)
 
     ledger = _Ledger(out, cfg.format, fingerprint)
     units, total, deid = _work_units(cfg, done=ledger.rows_done)
     bar = tqdm(total=total, initial=ledger.rows_done, unit="rows", desc="prepare", disable=None, smoothing=0.1)
     args = (str(out / "images"), cfg.max_pixels, cfg.images, cfg.group_by)
     workers = cfg.workers or (os.cpu_count() or 1)
+    if isinstance(units, list) and len(units) < 2:
+        workers = 1  # starting interpreters would cost more than the work
     pool = None
     if workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(workers)
+        pool = mp.get_context("spawn").Pool(workers, initializer=_die_with_parent)
     try:
         pending: collections.deque = collections.deque()
         for unit in units:
@@ -231,10 +237,28 @@ def prepare(cfg: PrepareConfig) -> dict:
             pool.terminate()
         bar.close()
 
+    _remove_stale_temporaries(out)
     summary = ledger.finish(cfg, deid)
     print(f"{out}: {summary['train']} train, {summary['val']} val, {summary['rejects']} rejected "
           f"of {summary['input_rows']} rows; {summary['images_stored']} images")
     return summary
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: a worker whose main process is killed (SIGKILL) dies too (Linux), instead of finishing
+    its row group into the folder while a rerun already works there."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for stale in (out / "images").glob(".tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 def _prompts(cfg: PrepareConfig) -> list[str]:
@@ -308,7 +332,7 @@ def _work_units(cfg: PrepareConfig, done: int) -> tuple[Iterator, int | None, di
     if skipped != done:
         raise RadscribeError(f"{cfg.out}: the checkpoint ({done} rows) does not fall on a row-group boundary of the "
                              f"inputs; delete the folder and rerun")
-    return iter(units), total, None
+    return units, total, None
 
 
 def _commit(ledger: "_Ledger", pending, prompts: list[str], cfg: PrepareConfig) -> int:

@@ -246,7 +246,7 @@ def test_resume_from_a_torn_checkpoint_gives_identical_output(tmp_path, monkeypa
 def test_sigkill_mid_run_then_rerun_gives_identical_checksums(tmp_path):
     from radscribe.data.synth import synth
 
-    synth(out=str(tmp_path / "synth"), n=1200, size=64, shard_rows=400)
+    synth(out=str(tmp_path / "synth"), n=2000, size=48, shard_rows=1000)
     cmd = [sys.executable, "-m", "radscribe.cli", "prepare", str(tmp_path / "synth"), "--group-by", "patient",
            "--workers", "2"]
     subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
@@ -261,9 +261,10 @@ def test_sigkill_mid_run_then_rerun_gives_identical_checksums(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists(), "the run finished before it could be killed"
-    subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True)
+    rerun = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _tree(out) == _tree(tmp_path / "whole")
-    assert json.loads((out / "summary.json").read_text())["input_rows"] == 1200
+    assert json.loads((out / "summary.json").read_text())["input_rows"] == 2000
 
 
 def test_medical_rows_rejects_and_deid_report(tmp_path, monkeypatch):
