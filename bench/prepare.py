@@ -220,6 +220,29 @@ def main() -> None:
         "radscribe copies JPEG/PNG bytes unchanged after a verifying decode in a process pool.",
         "",
     ]
+    lf = HERE / "results" / "llamafactory_check.json"
+    if lf.is_file():
+        import json
+
+        check = json.loads(lf.read_text(encoding="utf-8"))
+        c = check["checks"]
+        lines += [
+            "## LLaMA-Factory compatibility (acceptance 2)",
+            "",
+            "`radscribe synth --out bench/out/lf/synth` then `radscribe prepare bench/out/lf/synth --out "
+            "bench/out/lf/dataset --group-by patient`, loaded by `bench/llamafactory_check.py` in a scratch venv "
+            f"(llamafactory {check['llamafactory']}, torch 2.13.0+cpu): result **{'ok' if check['ok'] else 'FAILED'}**.",
+            f"- converter (`_get_merged_dataset`, sharegpt): rows {c['aligned_rows']}, equal to summary.json: "
+            f"{c['aligned_rows_match_summary']}; every image path resolved: {c['images_resolved']}",
+            f"- `get_dataset(stage='sft')`, template `qwen3_vl_nothink`, Qwen2-VL image processor (patch 16, merge 2): "
+            f"rows {c['tokenized_rows']}, equal to summary.json: {c['tokenized_rows_match_summary']}; "
+            f"{c['image_tokens_first_row']} `<|image_pad|>` tokens for a 224 px image; prompt masked in labels: "
+            f"{c['prompt_masked']}; labels decode to the report: {c['labels_decode_to_report']}",
+            "- the scratch venv needs `pip uninstall torchvision torchaudio` (PyPI's CUDA-linked wheels do not load "
+            "beside torch 2.13.0+cpu) and the check script puts an empty `torchaudio` module in place "
+            "(LLaMA-Factory imports it at module level, for audio only).",
+            "",
+        ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))

@@ -36,7 +36,7 @@ from radscribe.errors import RadscribeError
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_PROMPTS = {"zh": "<image>图片中的诊断结果是怎样?", "en": "<image>What are the findings in this image?"}
-STATE_FILE = ".prepare_state.json"
+STATE_FILE = ".prepare_state.sqlite"
 SPLITS = ("train", "val")
 # LLaMA-Factory 0.9.x sharegpt entry (FIELD_NOTES: these exact columns and tags).
 SHAREGPT_ENTRY = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
@@ -339,7 +339,7 @@ def _commit(ledger: "_Ledger", pending, prompts: list[str], cfg: PrepareConfig) 
     """Write one unit's rows in input order, then checkpoint."""
     results = pending if isinstance(pending, list) else pending.get()
     for row, row_id, why, detail, name, sha in results:
-        if why is None and row_id in ledger.ids:
+        if why is None and ledger.seen(row_id):
             why = "duplicate id"
         if why is not None:
             ledger.reject(row, row_id, why, detail, name)
@@ -363,57 +363,47 @@ def split_of(key: str, val_ratio: float) -> str:
 
 
 class _Ledger:
-    """The output files, the running counts and the checkpoint; rebuilds itself from a killed run's files."""
+    """The output files, the running counts, and the checkpoint.
+
+    Everything order-dependent (ids seen, image hash -> stored name, groups per split, counts, the output files'
+    byte offsets) lives in an SQLite file next to the output and is committed once per work unit, after the
+    output files are fsynced: memory stays flat however many rows there are, and a killed run resumes from the
+    last commit by truncating the output files back to the committed offsets.
+    """
 
     def __init__(self, out: Path, fmt: str, fingerprint: str):
+        import sqlite3
+
         self.out, self.fmt, self.fingerprint = out, fmt, fingerprint
         self.names = {s: f"{s}.{fmt}" for s in SPLITS}
         self.paths = {s: out / f"{self.names[s]}.partial" for s in SPLITS}
         self.paths["rejects"] = out / "rejects.jsonl.partial"
-        self.ids: set[str] = set()
-        self.by_sha: dict[str, str] = {}
-        self.groups = {s: set() for s in SPLITS}
-        self.counts = {s: 0 for s in SPLITS}
-        self.reasons: collections.Counter = collections.Counter()
-        self.duplicate_images = 0
-        self.rows_done = 0
-        state_path = out / STATE_FILE
-        state = json.loads(state_path.read_text()) if state_path.is_file() else None
+        fresh = not (out / STATE_FILE).is_file()
+        self.db = sqlite3.connect(out / STATE_FILE, isolation_level=None)
+        self.db.executescript(
+            "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);"
+            "CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY);"
+            "CREATE TABLE IF NOT EXISTS images (sha12 TEXT PRIMARY KEY, name TEXT);"
+            "CREATE TABLE IF NOT EXISTS groups (key TEXT, split TEXT, PRIMARY KEY (key, split));"
+            "CREATE TABLE IF NOT EXISTS reasons (reason TEXT PRIMARY KEY, n INTEGER);")
+        state = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM state")}
         if state and state["fingerprint"] != fingerprint:
             raise RadscribeError(f"{out} holds an unfinished prepare run with other arguments or inputs; rerun "
                                  f"with the same arguments to resume it, or choose a new --out")
-        if state:
-            self._resume(state)
-        else:
-            for path in self.paths.values():
-                path.write_bytes(b"")
+        self.rows_done = state.get("rows_done", 0)
+        self.counts = state.get("counts", {s: 0 for s in SPLITS})
+        self.duplicate_images = state.get("duplicate_images", 0)
+        offsets = state.get("offsets", {})
+        for key, path in self.paths.items():
+            final = out / ("rejects.jsonl" if key == "rejects" else self.names[key])
+            if state and not path.exists() and final.exists():
+                os.replace(final, path)  # killed inside `finish`, after the renames: undo them
+            with open(path, "ab") as f:
+                f.truncate(offsets.get(key, 0) if not fresh else 0)
         self.files = {k: open(p, "ab") for k, p in self.paths.items()}
+        self.db.execute("BEGIN")
         if not state:
             self.checkpoint(0)
-
-    def _resume(self, state: dict) -> None:
-        self.rows_done = state["rows_done"]
-        for key, path in self.paths.items():
-            with open(path, "ab") as f:
-                f.truncate(state["offsets"][key])
-        for split in SPLITS:
-            for rec in self._lines(self.paths[split]):
-                self.counts[split] += 1
-                self.ids.add(rec["id"])
-                name = rec["images"][0].split("/", 1)[1]
-                sha12 = name.rsplit("-", 1)[1].split(".")[0]
-                self.duplicate_images += sha12 in self.by_sha
-                self.by_sha.setdefault(sha12, name)
-                self.groups[split].add(rec.get("group", rec["id"]))
-        for rec in self._lines(self.paths["rejects"]):
-            self.reasons[rec["reason"]] += 1
-
-    def _lines(self, path: Path) -> Iterator[dict]:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip().rstrip(",")
-                if line and line != "[":
-                    yield json.loads(line)
 
     def _write(self, key: str, rec: dict) -> None:
         text = json.dumps(rec, ensure_ascii=False)
@@ -429,15 +419,24 @@ class _Ledger:
         if detail:
             rec["detail"] = detail
         self._write("rejects", rec)
-        self.reasons[reason] += 1
+        self.db.execute("INSERT INTO reasons VALUES (?, 1) ON CONFLICT(reason) DO UPDATE SET n = n + 1", (reason,))
         # The worker stored this row's image before the duplicate-id verdict; drop it unless another row uses it.
-        if name and self.by_sha.get(name.rsplit("-", 1)[1].split(".")[0]) != name:
+        if name and self._stored_name(name) != name:
             (self.out / "images" / name).unlink(missing_ok=True)
 
+    def seen(self, row_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM ids WHERE id = ?", (row_id,)).fetchone() is not None
+
+    def _stored_name(self, name: str) -> str | None:
+        found = self.db.execute("SELECT name FROM images WHERE sha12 = ?", (_sha12_of(name),)).fetchone()
+        return found[0] if found else None
+
     def accept(self, row: Row, row_id: str, name: str, sha: str, prompt: str, val_ratio: float) -> None:
-        sha12 = sha[:12]
-        kept = self.by_sha.setdefault(sha12, name)
-        if kept != name:  # the same pixels are already stored under an earlier row's name
+        kept = self._stored_name(name)
+        if kept is None:
+            self.db.execute("INSERT INTO images VALUES (?, ?)", (sha[:12], name))
+            kept = name
+        elif kept != name:  # the same pixels are already stored under an earlier row's name
             self.duplicate_images += 1
             (self.out / "images" / name).unlink(missing_ok=True)
         key = row.group if row.group is not None else row_id
@@ -452,8 +451,8 @@ class _Ledger:
             rec["truth"] = row.truth
         self._write(split, rec)
         self.counts[split] += 1
-        self.ids.add(row_id)
-        self.groups[split].add(key)
+        self.db.execute("INSERT INTO ids VALUES (?)", (row_id,))
+        self.db.execute("INSERT OR IGNORE INTO groups VALUES (?, ?)", (key, split))
 
     def checkpoint(self, rows: int) -> None:
         self.rows_done += rows
@@ -462,10 +461,12 @@ class _Ledger:
             f.flush()
             os.fsync(f.fileno())
             offsets[key] = f.tell()
-        state = {"fingerprint": self.fingerprint, "rows_done": self.rows_done, "offsets": offsets}
-        tmp = self.out / f"{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.out / STATE_FILE)
+        state = {"fingerprint": self.fingerprint, "rows_done": self.rows_done, "offsets": offsets,
+                 "counts": self.counts, "duplicate_images": self.duplicate_images}
+        self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)",
+                            [(k, json.dumps(v)) for k, v in state.items()])
+        self.db.execute("COMMIT")  # the checkpoint: output bytes up to `offsets` and the index agree
+        self.db.execute("BEGIN")
 
     def finish(self, cfg: PrepareConfig, deid: dict | None) -> dict:
         for split in SPLITS:
@@ -480,23 +481,35 @@ class _Ledger:
         _write_json(self.out / "dataset_info.json", info)
         if deid is not None:
             _write_json(self.out / "deid_report.json", deid)
-        rejects = sum(self.reasons.values())
+        reasons = dict(sorted(self.db.execute("SELECT reason, n FROM reasons").fetchall()))
+        rejects = sum(reasons.values())
+        groups = {split: self.db.execute("SELECT COUNT(*) FROM groups WHERE split = ?", (split,)).fetchone()[0]
+                  for split in SPLITS}
+        both = self.db.execute("SELECT COUNT(*) FROM (SELECT key FROM groups GROUP BY key HAVING COUNT(*) > 1)")
+        images_stored = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         summary = {
             "input_rows": self.rows_done, "train": self.counts["train"], "val": self.counts["val"],
-            "rejects": rejects, "reasons": dict(sorted(self.reasons.items())),
-            "images_stored": len(self.by_sha), "duplicate_image_rows": self.duplicate_images,
+            "rejects": rejects, "reasons": reasons,
+            "images_stored": images_stored, "duplicate_image_rows": self.duplicate_images,
             "split": {"val_ratio": cfg.val_ratio, "group_by": cfg.group_by,
-                      "train_groups": len(self.groups["train"]), "val_groups": len(self.groups["val"]),
+                      "train_groups": groups["train"], "val_groups": groups["val"],
                       "val_fraction": round(self.counts["val"] / max(1, self.counts["train"] + self.counts["val"]), 4),
-                      "groups_on_both_sides": len(self.groups["train"] & self.groups["val"])},
+                      "groups_on_both_sides": both.fetchone()[0]},
             "arguments": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "key", "out")},
             "fingerprint": self.fingerprint,
         }
         assert summary["train"] + summary["val"] + rejects == summary["input_rows"], "a row was lost"
         # summary.json last: its presence marks the folder finished (the no-op rerun check).
         _write_json(self.out / "summary.json", summary)
+        self.db.execute("COMMIT")
+        self.db.close()
         (self.out / STATE_FILE).unlink(missing_ok=True)
         return summary
+
+
+def _sha12_of(name: str) -> str:
+    """`<id>-<sha12>.<ext>` -> sha12."""
+    return name.rsplit("-", 1)[1].split(".")[0]
 
 
 def _write_json(path: Path, obj) -> None:

@@ -233,8 +233,11 @@ def test_resume_from_a_torn_checkpoint_gives_identical_output(tmp_path, monkeypa
     with pytest.raises(Crash):
         prepare(PrepareConfig(out=str(out), **args))
     monkeypatch.setattr(prepare_module, "_work_units", real)
-    state = json.loads((out / ".prepare_state.json").read_text())
-    assert 0 < state["rows_done"] < 18
+    import sqlite3
+
+    with sqlite3.connect(out / ".prepare_state.sqlite") as db:
+        rows_done = json.loads(db.execute("SELECT value FROM state WHERE key = 'rows_done'").fetchone()[0])
+    assert 0 < rows_done < 18
     with open(out / "train.json.partial", "ab") as f:
         f.write(b'{"id": "torn half row')
     (out / "images" / ".tmp-999-stray.jpg").write_bytes(b"half")
@@ -252,10 +255,9 @@ def test_sigkill_mid_run_then_rerun_gives_identical_checksums(tmp_path):
     subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / ".prepare_state.json"
     deadline = time.time() + 60
-    while time.time() < deadline:  # kill once a few chunks are committed, well before the end
-        if state.is_file() and json.loads(state.read_text() or "{}").get("rows_done", 0) >= 256:
+    while time.time() < deadline:  # kill once a few hundred images are stored, well before the end
+        if (out / "images").is_dir() and len(os.listdir(out / "images")) >= 300:
             break
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
@@ -333,3 +335,25 @@ def test_dicom_folder_through_the_real_medical_reader(tmp_path):
     deid = json.loads((out / "deid_report.json").read_text())
     assert deid["dropped_fields"]["PatientName"] == 2
     assert "test-secret" not in (out / "summary.json").read_text()
+
+
+def test_crash_inside_finish_resumes_to_identical_output(tmp_path, monkeypatch):
+    from radscribe.data import prepare as prepare_module
+
+    src = _planted(tmp_path)
+    args = dict(inputs=[str(src)], max_pixels=100 * 100, workers=1)
+    prepare(PrepareConfig(out=str(tmp_path / "whole"), **args))
+    real = prepare_module._write_json
+
+    def crash_on_summary(path, obj):
+        if path.name == "summary.json":
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(prepare_module, "_write_json", crash_on_summary)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(out=str(tmp_path / "torn"), **args))
+    assert (tmp_path / "torn" / "train.json").exists() and not (tmp_path / "torn" / "summary.json").exists()
+    monkeypatch.setattr(prepare_module, "_write_json", real)
+    prepare(PrepareConfig(out=str(tmp_path / "torn"), **args))
+    assert _tree(tmp_path / "torn") == _tree(tmp_path / "whole")
