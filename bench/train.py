@@ -119,12 +119,12 @@ def main() -> None:
         return child(args)
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import write_dataset
+    from conftest import make_synth_dataset
 
     from radscribe.model.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    data = write_dataset(work / "data")
+    data = make_synth_dataset(work / "data")
     if args.zero_compare:
         return zero_compare(work, data, build_tiny_model("qwen3_vl", work / "qwen3_vl", seed=0),
                             Path(args.out))
@@ -160,9 +160,11 @@ def write_table(rows, args, load_before, load_after, out: Path) -> None:
         f"Command: `python bench/train.py --steps {args.steps} --batch {args.batch} --repeats {args.repeats}`. "
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
         f"work: 1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. Tiny models from "
-        "`radscribe tiny-model` (text hidden 64, 2 layers; MoE 4 experts top-2), 200 synthetic rows with 64x64 "
-        f"images (4 image tokens, ~50 tokens a row), LoRA r16 on every language-model Linear, fp32, batch "
-        f"{args.batch}, {args.steps} optimizer steps, each run in its own process.",
+        "`radscribe tiny-model` (text hidden 64, 2 layers; MoE 4 experts top-2), 200 synthetic rows "
+        "(synth + prepare) with 64x64 "
+        f"images (4 image tokens), LoRA r16 on every language-model Linear, fp32, batch "
+        f"{args.batch}, {args.steps} optimizer steps, each run in its own process, best of {args.repeats} "
+        "alternating runs.",
         "",
         "| model | threads | loop | samples/s | samples/s incl. encoding pass | tokens/s | peak RSS (MiB) "
         "| ours / bare (samples/s) | RSS ours / bare |",

@@ -211,7 +211,7 @@ def test_one_epoch_of_lora_lowers_losses_and_the_adapter_changes_generations(arc
 
     run = train(_cfg(tiny_model_dir(arch), tiny_dataset, tmp_path / "run", *extra))
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["train_samples"] == 200 and summary["val_samples"] == 40 and summary["rejected"] == 0
+    assert summary["train_samples"] == 200 and summary["val_samples"] == 46 and summary["rejected"] == 0
     assert summary["steps"] == 25 and summary["epochs"] == pytest.approx(1.0)
     assert summary["last_logged_loss"] < summary["first_logged_loss"] - 0.3
     assert summary["eval_loss"] < summary["eval_loss_start"] - 0.3
