@@ -731,15 +731,25 @@ def emit_llamafactory(cfg: TrainConfig) -> Path:
     import yaml
 
     run = Path(cfg.output.dir)
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise RadscribeError(f"model.path: {cfg.model.path!r} is not a model folder (no config.json); pass --model DIR")
     model_type = json.loads((Path(cfg.model.path) / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type not in LLAMAFACTORY_TEMPLATES:
         raise RadscribeError(f"{cfg.model.path}/config.json: model_type {model_type!r} has no LLaMA-Factory "
                              f"template here; known: {', '.join(LLAMAFACTORY_TEMPLATES)}")
+    from radscribe.data.dataset import split_file
+
     dataset = Path(cfg.data.dataset).resolve()
     info = {}
     for key, split in (("radscribe_train", cfg.data.train_split), ("radscribe_val", cfg.data.val_split)):
-        if split and (dataset / f"{split}.json").is_file():
-            info[key] = {"file_name": f"{split}.json", "formatting": "sharegpt",
+        try:
+            path = split_file(dataset, split) if split else None
+        except RadscribeError:
+            if key == "radscribe_train":
+                raise
+            path = None
+        if path:
+            info[key] = {"file_name": str(path), "formatting": "sharegpt",
                          "columns": {"messages": "messages", "images": "images"},
                          "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                                   "assistant_tag": "assistant", "system_tag": "system"}}
@@ -753,7 +763,9 @@ def emit_llamafactory(cfg: TrainConfig) -> Path:
         # LLaMA-Factory's `lora_target: all` reaches the tower/merger only when they are not frozen
         "freeze_vision_tower": lora.enabled and not lora.vision_tower,
         "freeze_multi_modal_projector": lora.enabled and not lora.merger,
-        "dataset_dir": str(dataset), "dataset": "radscribe_train",
+        # dataset_info.json sits in the run folder and names the split files by absolute path; image paths in
+        # the rows are relative to the dataset folder, which LLaMA-Factory calls media_dir
+        "dataset_dir": str(run.resolve()), "media_dir": str(dataset), "dataset": "radscribe_train",
         "template": LLAMAFACTORY_TEMPLATES[model_type], "cutoff_len": cfg.data.cutoff_len,
         "overwrite_cache": True, "preprocessing_num_workers": 16,
         "output_dir": str((run / "llamafactory").resolve()), "logging_steps": t.logging_steps,

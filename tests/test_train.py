@@ -166,6 +166,8 @@ def test_emit_llamafactory_writes_the_equivalent_recipe(tiny_model_dir, tiny_dat
     assert recipe["dataset"] == "radscribe_train" and recipe["eval_dataset"] == "radscribe_val"
     assert recipe["deepspeed"].endswith("presets/deepspeed/z2.json") and recipe["freeze_vision_tower"] is True
     info = json.loads((tmp_path / "run" / "dataset_info.json").read_text())
+    assert recipe["dataset_dir"] == str((tmp_path / "run").resolve()) and recipe["media_dir"] == str(tiny_dataset)
+    assert info["radscribe_train"]["file_name"] == str(tiny_dataset / "train.json")
     assert info["radscribe_train"]["formatting"] == "sharegpt"
     assert info["radscribe_train"]["columns"] == {"messages": "messages", "images": "images"}
     assert not (tmp_path / "run" / "adapter").exists()
