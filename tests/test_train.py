@@ -66,6 +66,15 @@ def test_labels_are_exactly_the_report_and_end_of_turn(processor, tmp_path):
     assert n_pad == 4 and end == start + 5  # 64x64 -> (64/16/2)^2 = 4 merged patches
 
 
+def test_labels_with_a_default_system_turn_qwen2_5_vl(tiny_model_dir, tmp_path):
+    from radscribe.model.load import load_processor
+
+    processor = load_processor(tiny_model_dir("qwen2_5_vl"))  # its template adds "You are a helpful assistant."
+    encoded = Encoder(processor, 2048, 768 * 768, 32 * 32)(_sample(tmp_path))
+    assert _labelled_text(processor, encoded) == REPORT + "<|im_end|>"
+    assert "You are a helpful assistant." in processor.tokenizer.decode(encoded["input_ids"])
+
+
 def test_multi_turn_labels_every_assistant_turn(processor, tmp_path):
     sample = _sample(tmp_path)
     sample.messages += [{"role": "user", "content": "大小?"}, {"role": "assistant", "content": "小"}]
