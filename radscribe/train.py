@@ -389,7 +389,11 @@ def _is_main() -> bool:
 
 def _init_distributed(cfg: TrainConfig) -> None:
     """Start the process group before TrainingArguments (and the model load), as ZeRO-3 on CPU requires."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if cfg.train.deepspeed and "RANK" not in os.environ:
+        # DeepSpeed needs a process group even for one process; without a launcher it goes looking for MPI
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     import torch
     import torch.distributed as dist
@@ -706,17 +710,20 @@ def launch(cfg: TrainConfig) -> Path:
     run = Path(cfg.output.dir)
     run.mkdir(parents=True, exist_ok=True)
     config_file = save_config(cfg, run / "launch_config.yaml")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.train.nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "radscribe.train", str(config_file)]
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "radscribe.train", str(config_file)]
     _say(" ".join(command))
     done = subprocess.run(command)
     if done.returncode != 0:
         raise RadscribeError(f"torchrun with {cfg.train.nproc} processes failed (exit {done.returncode}); "
                              "see the worker output above")
     return run
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --- LLaMA-Factory interop ---------------------------------------------------------------------------------
@@ -810,6 +817,8 @@ def config_from_args(preset: str | None, overrides: list[str], **flags) -> Train
 
 
 if __name__ == "__main__":  # a torchrun worker: python -m radscribe.train RUN/launch_config.yaml
+    if len(sys.argv) != 2:
+        sys.exit("usage: [torchrun ...] python -m radscribe.train CONFIG.yaml  (see `radscribe train --help`)")
     try:
         train(load_config(TrainConfig, sys.argv[1]))
     except RadscribeError as err:

@@ -47,3 +47,16 @@ def test_zero2_and_zero3_two_processes_same_loss_curve_and_loadable_adapters(tin
         tuned = PeftModel.from_pretrained(base, run / "adapter")
         assert sum(p.abs().sum() for n, p in tuned.named_parameters() if "lora_B" in n) > 0
     assert curves["z2"] == pytest.approx(curves["z3"], rel=1e-4)
+
+
+def test_reference_preset_runs_deepspeed_in_one_process_without_a_launcher(tiny_model_dir, tiny_dataset, tmp_path):
+    # reference-z2 sets deepspeed: z2 and bf16; a plain `radscribe train` (no --nproc) must still run it
+    command = [sys.executable, "-m", "radscribe.cli", "train", "--config", "reference-z2", "--model",
+               str(tiny_model_dir("qwen3_vl")), "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+               "train.max_steps=2", "train.grad_accum=1", "train.logging_steps=1", "data.val_split=null"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run(command, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["processes"] == 1 and summary["trainable_parameters"] == 16384
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
