@@ -10,8 +10,8 @@ from radscribe.data.dataset import read_split
 def test_reduced_demo_learns_and_caches(tmp_path, capsys):
     cfg = load_config(DemoConfig, None, [
         f"out={tmp_path / 'demo'}", "data.n=240", "data.size=64", "data.val_ratio=0.2",
-        "model.text_hidden=64", "model.vision_hidden=32", "pretrain.steps=40", "pretrain.batch=16",
-        "finetune.steps=60", "finetune.batch=16", "eval_limit=32", "max_new_tokens=64", "eval_batch=16",
+        "pretrain.steps=120", "pretrain.batch=16", "pretrain.lr=2e-3",
+        "finetune.steps=120", "finetune.batch=16", "eval_limit=32", "max_new_tokens=64", "eval_batch=16",
     ])
     result = demo(cfg)
     base, tuned = result["base"], result["fine_tuned"]
