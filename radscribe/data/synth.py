@@ -315,7 +315,10 @@ def _write_shard(args: tuple) -> str:
     path = out / f"shard-{shard:05d}.parquet"
     tmp = out / f".{path.name}.tmp"
     # Small row groups let `prepare` stream and parallelise without holding a shard in memory.
-    pq.write_table(pa.table(columns, schema=_schema()), tmp, row_group_size=256, compression="zstd")
+    # JPEG/PNG bytes do not compress: storing them plain saves every reader a decompression pass.
+    compression = {name: "zstd" for name in columns}
+    compression["image"] = "none"
+    pq.write_table(pa.table(columns, schema=_schema()), tmp, row_group_size=256, compression=compression)
     os.replace(tmp, path)
     return str(path)
 
