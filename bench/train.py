@@ -43,7 +43,7 @@ def child(args) -> None:
 def _ours(args) -> dict:
     from radscribe.train import config_from_args, train
 
-    run = Path(args.work) / f"ours-{args.arch}-{args.threads}"
+    run = Path(tempfile.mkdtemp(prefix=f"ours-{args.arch}-{args.threads}-", dir=args.work))
     cfg = config_from_args(None, [
         "train.precision=fp32", f"train.max_steps={args.steps}", f"train.per_device_batch={args.batch}",
         "train.grad_accum=1", "train.lr=1e-3", "train.logging_steps=10", "train.save_steps=100000",
