@@ -65,6 +65,8 @@ def cmd_prepare(sub) -> None:
     p.add_argument("--prompts-file", help="file of prompts, one per line, sampled per row")
     p.add_argument("--seed", type=int, help="seed of the prompt sampling (default 0)")
     p.add_argument("--max-pixels", type=int, help="reject images with more pixels (default 50,000,000)")
+    p.add_argument("--verify", choices=["decode", "structure"],
+                   help="decode every image (default), or check headers and end markers only (faster)")
     p.add_argument("--workers", type=int, help="image-verification processes (default: one per core)")
     p.add_argument("--dicom", help="DICOM folder (with --reports); rows are de-identified")
     p.add_argument("--nifti", help="NIfTI folder (with --reports)")

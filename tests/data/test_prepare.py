@@ -357,3 +357,27 @@ def test_crash_inside_finish_resumes_to_identical_output(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "_write_json", real)
     prepare(PrepareConfig(out=str(tmp_path / "torn"), **args))
     assert _tree(tmp_path / "torn") == _tree(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("verify", ["decode", "structure"])
+def test_both_verify_modes_reject_truncation_and_non_images(tmp_path, verify):
+    from radscribe.data.prepare import verify_image
+
+    jpeg, png = _image(1), _image(2, "PNG")
+    decode = verify == "decode"
+    assert verify_image(jpeg, 10 ** 6, decode)[:1] == (None,) and verify_image(jpeg, 10 ** 6, decode)[2] == jpeg
+    assert verify_image(jpeg + b"\x00" * 8, 10 ** 6, decode)[0] is None
+    assert verify_image(jpeg[: len(jpeg) // 2], 10 ** 6, decode)[0] == "truncated image"
+    assert verify_image(jpeg[:-2], 10 ** 6, decode)[0] == "truncated image"
+    assert verify_image(png[:-12], 10 ** 6, decode)[0] == "truncated image"
+    flipped = bytearray(png)
+    flipped[60] ^= 0xFF
+    assert verify_image(bytes(flipped), 10 ** 6, decode)[0] in ("undecodable image", "truncated image")
+    assert verify_image(b"GIF89a not really", 10 ** 6, decode)[0] in ("non-image bytes", "truncated image",
+                                                                      "undecodable image")
+    assert verify_image(b"plain text", 10 ** 6, decode)[0] == "non-image bytes"
+    src = _planted(tmp_path)
+    summary = prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "ds"), max_pixels=100 * 100, workers=1,
+                                    verify=verify))
+    assert summary["reasons"] == {"duplicate id": 1, "empty caption": 1, "image over pixel limit": 1,
+                                  "non-image bytes": 1, "null image": 1, "truncated image": 1}
