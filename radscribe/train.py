@@ -387,14 +387,19 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _init_distributed(cfg: TrainConfig) -> None:
-    """Start the process group before TrainingArguments (and the model load), as ZeRO-3 on CPU requires."""
+def _init_distributed(cfg: TrainConfig) -> list[str]:
+    """Start the process group before TrainingArguments (and the model load), as ZeRO-3 on CPU requires.
+
+    Returns the environment variables it set itself (for a launcher-less DeepSpeed run), to unset afterwards.
+    """
+    added: list[str] = []
     if cfg.train.deepspeed and "RANK" not in os.environ:
         # DeepSpeed needs a process group even for one process; without a launcher it goes looking for MPI
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        single = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        added = [k for k in single if k not in os.environ]
+        os.environ.update({k: single[k] for k in added})
     elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+        return added
     import torch
     import torch.distributed as dist
 
@@ -405,6 +410,7 @@ def _init_distributed(cfg: TrainConfig) -> None:
         deepspeed.init_distributed(dist_backend=backend)
     elif not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    return added
 
 
 def apply_lora(model, cfg: TrainConfig):
@@ -540,7 +546,7 @@ def train(cfg: TrainConfig) -> Path:
         train_rows = train_rows[:cfg.data.max_samples]
     val_rows = _read(read_split, cfg.data.dataset, cfg.data.val_split, required=False)
     cfg = resolve_config(cfg, len(train_rows))
-    _init_distributed(cfg)
+    launcher_env = _init_distributed(cfg)
     run.mkdir(parents=True, exist_ok=True)
     if _is_main():
         save_config(cfg, run / "config.yaml")
@@ -630,6 +636,8 @@ def train(cfg: TrainConfig) -> Path:
         (run / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_loss(run)
     _barrier()
+    for key in launcher_env:  # a later train() in this process must not mistake itself for a torchrun worker
+        os.environ.pop(key, None)
     return run
 
 
