@@ -141,7 +141,7 @@ def cmd_train(sub) -> None:
 
         cfg = config_from_args(a.config, a.overrides, **{
             "model.path": a.model, "data.dataset": a.data, "output.dir": a.out,
-            "output.resume": "true" if a.resume else None, "train.deepspeed": a.deepspeed, "train.nproc": a.nproc})
+            "output.resume": True if a.resume else None, "train.deepspeed": a.deepspeed, "train.nproc": a.nproc})
         if a.emit_llamafactory:
             print(emit_llamafactory(cfg))
             return

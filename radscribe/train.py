@@ -820,7 +820,9 @@ def emit_llamafactory(cfg: TrainConfig) -> Path:
 
 def config_from_args(preset: str | None, overrides: list[str], **flags) -> TrainConfig:
     """The CLI's flags are shorthands for config fields (--model -> model.path, ...), applied last."""
-    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    # JSON-quoted so that a path like "runs/true" or "a: b" stays a string (JSON is YAML)
+    extra = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, ensure_ascii=False)}"
+             for key, value in flags.items() if value is not None]
     return load_config(TrainConfig, preset, list(overrides) + extra)
 
 

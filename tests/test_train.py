@@ -164,6 +164,16 @@ def test_presets_are_the_issue_recipes():
     assert resolve_config(cfg, 10_001).lora.dropout == 0.0
 
 
+def test_cli_flags_stay_strings_and_overrides_apply():
+    cfg = config_from_args("recommended", ["lora.rank=4", "train.lr=1e-3"],
+                           **{"model.path": "true", "output.dir": Path("runs/a: b #1"), "train.nproc": 2,
+                              "output.resume": True})
+    assert (cfg.model.path, cfg.output.dir, cfg.train.nproc, cfg.output.resume) == ("true", "runs/a: b #1", 2, True)
+    assert (cfg.lora.rank, cfg.train.lr, cfg.lora.alpha) == (4, 1e-3, 64)
+    with pytest.raises(RadscribeError, match="lora: unknown field"):
+        config_from_args(None, ["lora.rnak=4"])
+
+
 def test_emit_llamafactory_writes_the_equivalent_recipe(tiny_model_dir, tiny_dataset, tmp_path):
     cfg = config_from_args("reference-z2", [], **{"model.path": tiny_model_dir("qwen3_vl"),
                                                   "data.dataset": tiny_dataset, "output.dir": tmp_path / "run"})
