@@ -308,9 +308,17 @@ def _fingerprint(cfg: PrepareConfig) -> str:
     for extra in (cfg.reports, cfg.prompts_file):
         if extra and Path(extra).is_file():
             paths.append(Path(extra))
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    files = [(str(p), p.stat().st_size, _tail_digest(p)) for p in paths]
     blob = json.dumps({"args": args, "files": files}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _tail_digest(path: Path, size: int = 1 << 16) -> str:
+    """Hash of a file's last 64 KiB: for parquet, the footer (row groups, offsets, statistics). Unlike mtime it
+    survives a rewrite of identical data, e.g. `radscribe synth` run again with the same arguments."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def _work_units(cfg: PrepareConfig, done: int) -> tuple[Iterator, int | None, dict | None]:

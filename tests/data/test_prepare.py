@@ -381,3 +381,16 @@ def test_both_verify_modes_reject_truncation_and_non_images(tmp_path, verify):
                                     verify=verify))
     assert summary["reasons"] == {"duplicate id": 1, "empty caption": 1, "image over pixel limit": 1,
                                   "non-image bytes": 1, "null image": 1, "truncated image": 1}
+
+
+def test_rerun_after_synth_rewrites_identical_shards_is_a_noop(tmp_path, capsys):
+    from radscribe.data.synth import synth
+
+    synth(out=str(tmp_path / "synth"), n=8, size=32)
+    prepare(PrepareConfig(inputs=[str(tmp_path / "synth")], out=str(tmp_path / "ds"), workers=1))
+    synth(out=str(tmp_path / "synth"), n=8, size=32)  # same data, new mtimes
+    prepare(PrepareConfig(inputs=[str(tmp_path / "synth")], out=str(tmp_path / "ds"), workers=1))
+    assert "nothing to do" in capsys.readouterr().out
+    synth(out=str(tmp_path / "synth"), n=8, size=32, seed=1)  # different data
+    with pytest.raises(RadscribeError, match="other arguments or inputs"):
+        prepare(PrepareConfig(inputs=[str(tmp_path / "synth")], out=str(tmp_path / "ds"), workers=1))
