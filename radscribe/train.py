@@ -423,25 +423,10 @@ def apply_lora(model, cfg: TrainConfig):
     from radscribe.model.lora import build_lora_config
 
     target = "all" if cfg.lora.target == ["all"] else cfg.lora.target
-    partitioned = _zero3_expert_parameters(model) if cfg.lora.experts else []
     config = build_lora_config(
         model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target=target,
-        vision=cfg.lora.vision_tower, merger=cfg.lora.merger, experts=cfg.lora.experts and not partitioned)
-    if partitioned:
-        config.target_parameters = partitioned
+        vision=cfg.lora.vision_tower, merger=cfg.lora.merger, experts=cfg.lora.experts)
     return get_peft_model(model, config)
-
-
-def _zero3_expert_parameters(model) -> list[str]:
-    """Fused MoE expert weights of a model whose parameters ZeRO-3 partitioned at load time.
-
-    Workaround: `radscribe.model.lora.expert_parameters` recognises experts by `param.ndim == 3`, but under ZeRO-3
-    every parameter is a 1-D placeholder whose real shape is in `ds_shape` (PEFT's ParamWrapper reads ds_shape,
-    so LoRA itself works). Drop this once lora.py reads ds_shape.
-    """
-    return sorted(name for name, param in model.named_parameters()
-                  if hasattr(param, "ds_shape") and len(param.ds_shape) == 3 and ".experts." in name
-                  and not name.startswith("model.visual."))
 
 
 # --- logging -----------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def expert_parameters(model) -> list[str]:
         if not module_name.endswith(".experts") or _part(module_name) != "language_model":
             continue
         for param_name, param in module.named_parameters(recurse=False):
-            if param.ndim == 3:
+            # Under ZeRO-3 every parameter is a 1-D placeholder; the real shape is in `ds_shape`.
+            if len(getattr(param, "ds_shape", param.shape)) == 3:
                 names.append(f"{module_name}.{param_name}")
     return sorted(names)
 
