@@ -221,6 +221,11 @@ def prepare(cfg: PrepareConfig) -> dict:
             return done
         raise RadscribeError(f"{out} holds a dataset prepared with other arguments or inputs; "
                              f"choose a new --out or delete the folder")
+    if cfg.inputs:  # a wrong schema or regex fails before anything is written
+        from radscribe.data.sources import group_pattern, row_groups
+
+        group_pattern(cfg.group_by)
+        row_groups(cfg.inputs, cfg.images)
     (out / "images").mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
 
@@ -245,6 +250,10 @@ def prepare(cfg: PrepareConfig) -> dict:
                 bar.update(_commit(ledger, pending.popleft(), prompts, cfg))
         while pending:
             bar.update(_commit(ledger, pending.popleft(), prompts, cfg))
+    except RadscribeError:
+        if ledger.rows_done == 0:
+            ledger.discard()  # a user mistake found before any row: leave no half-started folder behind
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -494,6 +503,17 @@ class _Ledger:
                             [(k, json.dumps(v)) for k, v in state.items()])
         self.db.execute("COMMIT")  # the checkpoint: output bytes up to `offsets` and the index agree
         self.db.execute("BEGIN")
+
+    def discard(self) -> None:
+        """Remove what a run that committed no row created (the folder itself only when it is left empty)."""
+        self.db.close()
+        for f in self.files.values():
+            f.close()
+        for path in (*self.paths.values(), self.out / STATE_FILE):
+            path.unlink(missing_ok=True)
+        for folder in (self.out / "images", self.out):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     def finish(self, cfg: PrepareConfig, deid: dict | None) -> dict:
         for split in SPLITS:

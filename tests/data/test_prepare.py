@@ -394,3 +394,17 @@ def test_rerun_after_synth_rewrites_identical_shards_is_a_noop(tmp_path, capsys)
     synth(out=str(tmp_path / "synth"), n=8, size=32, seed=1)  # different data
     with pytest.raises(RadscribeError, match="other arguments or inputs"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "synth")], out=str(tmp_path / "ds"), workers=1))
+
+
+def test_user_mistakes_leave_no_half_started_folder(tmp_path):
+    src = _parquet(tmp_path / "p.parquet", [{"id": "a", "image": _image(1)}])
+    out = tmp_path / "ds"
+    with pytest.raises(RadscribeError, match="regex"):
+        prepare(PrepareConfig(inputs=[str(src)], out=str(out), group_by="p(["))
+    assert not out.exists()
+    with pytest.raises(RadscribeError, match="--reports"):
+        prepare(PrepareConfig(dicom=str(tmp_path), out=str(out), workers=1))
+    assert not out.exists()
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), group_by="patient", workers=1))  # now fine
+    assert json.loads((out / "summary.json").read_text())["train"] + \
+        json.loads((out / "summary.json").read_text())["val"] == 1
