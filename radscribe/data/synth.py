@@ -118,7 +118,7 @@ class SynthConfig:
     """What `radscribe synth` writes."""
 
     out: str = "data/synth"
-    """Output folder for the parquet shards (created; existing shards with the same name are replaced)."""
+    """Output folder for the parquet shards (created; shards of an earlier run there are replaced or removed)."""
     n: int = 1000
     """Number of images (rows)."""
     seed: int = 0
@@ -349,6 +349,10 @@ def synth(cfg: SynthConfig | dict | None = None, **kwargs) -> list[Path]:
                 paths.append(Path(path))
                 bar.update(job[3] - job[2])
     bar.close()
+    # Shards of an earlier, larger run in the same folder would otherwise be read as part of this one.
+    for stale in sorted(out.glob("shard-*.parquet")):
+        if stale not in paths:
+            stale.unlink()
     return paths
 
 

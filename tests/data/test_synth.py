@@ -132,3 +132,10 @@ def test_two_workers_write_the_same_rows(tmp_path):
     one = _table(synth(out=str(tmp_path / "one"), n=8, size=32, shard_rows=4, workers=1))
     two = _table(synth(out=str(tmp_path / "two"), n=8, size=32, shard_rows=4, workers=2))
     assert one == two
+
+
+def test_rerun_into_the_same_folder_leaves_no_stale_shards(tmp_path):
+    synth(out=str(tmp_path), n=9, size=32, shard_rows=3)
+    paths = synth(out=str(tmp_path), n=4, size=32, shard_rows=3)
+    assert sorted(tmp_path.glob("*.parquet")) == sorted(paths) and len(paths) == 2
+    assert len(_table(paths)) == 4
