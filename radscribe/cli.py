@@ -67,6 +67,8 @@ def cmd_prepare(sub) -> None:
     p.add_argument("--max-pixels", type=int, help="reject images with more pixels (default 50,000,000)")
     p.add_argument("--verify", choices=["decode", "structure"],
                    help="decode every image (default), or check headers and end markers only (faster)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a dataset prepared in --out with other arguments (only radscribe's files)")
     p.add_argument("--workers", type=int, help="image-verification processes (default: one per core)")
     p.add_argument("--dicom", help="DICOM folder (with --reports); rows are de-identified")
     p.add_argument("--nifti", help="NIfTI folder (with --reports)")

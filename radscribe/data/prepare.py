@@ -96,7 +96,10 @@ class PrepareConfig:
     workers: int = 0
     """Image-verification processes; 0 = one per CPU core."""
     chunk_rows: int = 256
-    """Rows per work unit and checkpoint."""
+    """Rows per work unit and checkpoint for medical folders (parquet works per row group)."""
+    overwrite: bool = False
+    """Replace a dataset (finished or not) prepared in `out` with other arguments; only radscribe's own files
+    there are removed. Without it, such a folder is an error."""
 
 
 # --- per-image work (runs in the process pool) -------------------------------------------------------------
@@ -219,8 +222,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         if done.get("fingerprint") == fingerprint:
             print(f"{out}: already prepared with these arguments; nothing to do")
             return done
-        raise RadscribeError(f"{out} holds a dataset prepared with other arguments or inputs; "
-                             f"choose a new --out or delete the folder")
+        if not cfg.overwrite:
+            raise RadscribeError(f"{out} holds a dataset prepared with other arguments or inputs; choose a new "
+                                 f"--out, delete the folder, or pass --overwrite")
+        _remove_previous(out)
+    elif cfg.overwrite and _state_fingerprint(out) not in (None, fingerprint):
+        _remove_previous(out)
     if cfg.inputs:  # a wrong schema or regex fails before anything is written
         from radscribe.data.sources import group_pattern, row_groups
 
@@ -266,6 +273,28 @@ def prepare(cfg: PrepareConfig) -> dict:
     return summary
 
 
+def _state_fingerprint(out: Path) -> str | None:
+    """The fingerprint of an unfinished run in `out`, if there is one."""
+    import sqlite3
+
+    if not (out / STATE_FILE).is_file():
+        return None
+    with sqlite3.connect(out / STATE_FILE) as db:
+        found = db.execute("SELECT value FROM state WHERE key = 'fingerprint'").fetchone()
+    return json.loads(found[0]) if found else None
+
+
+def _remove_previous(out: Path) -> None:
+    """--overwrite: remove radscribe's own files from `out` (and nothing else a user may keep there)."""
+    import shutil
+
+    shutil.rmtree(out / "images", ignore_errors=True)
+    for name in ("train.json", "val.json", "train.jsonl", "val.jsonl", "rejects.jsonl", "dataset_info.json",
+                 "deid_report.json", "summary.json", STATE_FILE, "train.json.partial", "val.json.partial",
+                 "train.jsonl.partial", "val.jsonl.partial", "rejects.jsonl.partial"):
+        (out / name).unlink(missing_ok=True)
+
+
 def _die_with_parent() -> None:
     """Pool initializer: a worker whose main process is killed (SIGKILL) dies too (Linux), instead of finishing
     its row group into the folder while a rerun already works there."""
@@ -309,7 +338,7 @@ def _fingerprint(cfg: PrepareConfig) -> str:
     from radscribe.data.sources import parquet_files
 
     # Not the output folder (a moved dataset is the same dataset), nor the de-identification secret.
-    args = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "out", "key")}
+    args = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "out", "key", "overwrite")}
     paths = parquet_files(cfg.inputs) if cfg.inputs else []
     for folder in (cfg.dicom, cfg.nifti):
         if folder and Path(folder).is_dir():
@@ -421,7 +450,7 @@ class _Ledger:
         state = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM state")}
         if state and state["fingerprint"] != fingerprint:
             raise RadscribeError(f"{out} holds an unfinished prepare run with other arguments or inputs; rerun "
-                                 f"with the same arguments to resume it, or choose a new --out")
+                                 f"with the same arguments to resume it, choose a new --out, or pass --overwrite")
         self.rows_done = state.get("rows_done", 0)
         self.counts = state.get("counts", {s: 0 for s in SPLITS})
         self.duplicate_images = state.get("duplicate_images", 0)
@@ -542,7 +571,8 @@ class _Ledger:
                       "train_groups": groups["train"], "val_groups": groups["val"],
                       "val_fraction": round(self.counts["val"] / max(1, self.counts["train"] + self.counts["val"]), 4),
                       "groups_on_both_sides": both.fetchone()[0]},
-            "arguments": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "chunk_rows", "key", "out")},
+            "arguments": {k: v for k, v in asdict(cfg).items()
+                          if k not in ("workers", "chunk_rows", "key", "out", "overwrite")},
             "fingerprint": self.fingerprint,
         }
         assert summary["train"] + summary["val"] + rejects == summary["input_rows"], "a row was lost"

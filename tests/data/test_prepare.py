@@ -408,3 +408,15 @@ def test_user_mistakes_leave_no_half_started_folder(tmp_path):
     prepare(PrepareConfig(inputs=[str(src)], out=str(out), group_by="patient", workers=1))  # now fine
     assert json.loads((out / "summary.json").read_text())["train"] + \
         json.loads((out / "summary.json").read_text())["val"] == 1
+
+
+def test_overwrite_replaces_a_dataset_prepared_with_other_arguments(tmp_path):
+    src = _parquet(tmp_path / "p.parquet", [{"id": f"r{i}", "image": _image(i)} for i in range(10)])
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), workers=1, val_ratio=0.0))
+    (out / "notes.txt").write_text("mine")
+    prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "fresh"), workers=1, val_ratio=1.0))
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), workers=1, val_ratio=1.0, overwrite=True))
+    mine = (out / "notes.txt").read_text()
+    (out / "notes.txt").unlink()
+    assert mine == "mine" and _tree(out) == _tree(tmp_path / "fresh")
