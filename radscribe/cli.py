@@ -66,7 +66,7 @@ def cmd_prepare(sub) -> None:
     p.add_argument("--seed", type=int, help="seed of the prompt sampling (default 0)")
     p.add_argument("--max-pixels", type=int, help="reject images with more pixels (default 50,000,000)")
     p.add_argument("--verify", choices=["decode", "structure"],
-                   help="decode every image (default), or check headers and end markers only (faster)")
+                   help="check headers, end markers and PNG CRCs (structure, default) or also decode every JPEG")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a dataset prepared in --out with other arguments (only radscribe's files)")
     p.add_argument("--workers", type=int, help="image-verification processes (default: one per core)")
