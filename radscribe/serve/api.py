@@ -125,7 +125,7 @@ class Batcher:
         self.generate_calls += 1
         self.batched_requests += len(group)
         try:
-            texts = self.engine.generate([j.request for j in group])
+            answers = self.engine.complete([j.request for j in group])
         except Exception as err:
             if len(group) == 1:
                 group[0].future.set_exception(err)
@@ -134,8 +134,8 @@ class Batcher:
             for j in group:
                 self._run_group([j], retry=True)
             return
-        for j, text in zip(group, texts):
-            j.future.set_result(text)
+        for j, answer in zip(group, answers):
+            j.future.set_result(answer)
 
     def _run_stream(self, job: "_StreamJob") -> None:
         deltas = None
@@ -168,7 +168,7 @@ class _StreamJob:
 
 
 def create_app(engine, cfg: ServeConfig | None = None):
-    """The FastAPI app serving `engine` (anything with `generate(list[Request])` and `stream(Request)`)."""
+    """The FastAPI app serving `engine` (anything with `complete(list[Request])` and `stream(Request)`)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -246,15 +246,17 @@ def create_app(engine, cfg: ServeConfig | None = None):
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            text = await asyncio.wrap_future(batcher.submit(gen))
+            answer = await asyncio.wrap_future(batcher.submit(gen))
         except Exception as err:  # the engine failed (e.g. out of memory): answer, log one line, keep serving
             print(f"radscribe serve: generation failed: {type(err).__name__}: {err}", flush=True)
             return error(500, f"generation failed ({type(err).__name__}); the server is still up",
                          kind="server_error")
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": cfg.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": _finish_reason(engine, text, params["max_tokens"])}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                         "finish_reason": answer.finish_reason}],
+            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
         }
 
     @app.post("/v1/preview")
@@ -411,8 +413,9 @@ def _engine_request(messages: list[dict], params: dict):
 
 
 def _finish_reason(engine, text: str, max_tokens: int) -> str:
-    # The engine returns text only, so the token count is re-derived from the text: exact for ordinary text,
-    # an overcount when generation stopped inside a multi-byte character (then "length" may be reported early).
+    # Streams yield text only, so the token count is re-derived from the text: exact for ordinary text, an
+    # overcount when generation stopped inside a multi-byte character (then "length" may be reported early).
+    # Non-streaming answers carry the exact reason from `Engine.complete`.
     tokenizer = getattr(getattr(engine, "processor", None), "tokenizer", None)
     if tokenizer is None:
         return "stop"

@@ -38,6 +38,20 @@ class Request:
     """Sampling seed; requests sampled in one batch share the batch's random stream."""
 
 
+@dataclass
+class Generation:
+    """One answer with what the API reports about it (OpenAI's `usage` and `finish_reason`)."""
+
+    text: str
+    """The decoded answer, special tokens removed."""
+    prompt_tokens: int
+    """Tokens of the prompt, image tokens included, padding excluded."""
+    completion_tokens: int
+    """Tokens generated, the end-of-turn token included when there was one."""
+    finish_reason: str
+    """`stop` when an end-of-turn token ended the answer, `length` when `max_new_tokens` did."""
+
+
 def load_request_image(image):
     """A chat image entry (PIL image, path or bytes) -> an RGB PIL image, through the project's one image loader."""
     from PIL import Image
@@ -78,6 +92,11 @@ class Engine:
 
     def generate(self, requests: list[Request], batch_size: int | None = None, progress: bool = False) -> list[str]:
         """Answers in request order; requests are batched (`batch_size`) among those with equal sampling settings."""
+        return [g.text for g in self.complete(requests, batch_size, progress)]
+
+    def complete(self, requests: list[Request], batch_size: int | None = None,
+                 progress: bool = False) -> list[Generation]:
+        """As `generate`, with token counts and the finish reason of every answer."""
         from tqdm import tqdm
 
         batch_size = batch_size or self.batch_size
@@ -87,13 +106,13 @@ class Engine:
         for index, r in enumerate(requests):
             key = (0.0, 1.0, None) if r.temperature == 0 else (r.temperature, r.top_p, r.seed)
             groups.setdefault(key, []).append(index)
-        answers: list[str | None] = [None] * len(requests)
+        answers: list[Generation | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generating", unit="sample", disable=not progress)
         for indices in groups.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                for index, text in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
-                    answers[index] = text
+                for index, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
+                    answers[index] = answer
                 bar.update(len(chunk))
         bar.close()
         return answers
@@ -158,7 +177,7 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _generate_batch(self, requests: list[Request]) -> list[str]:
+    def _generate_batch(self, requests: list[Request]) -> list[Generation]:
         import torch
 
         longest = max(requests, key=lambda r: r.max_new_tokens)
@@ -167,10 +186,17 @@ class Engine:
             if longest.temperature > 0 and longest.seed is not None:
                 torch.manual_seed(longest.seed)
             output = self.model.generate(**inputs, **self._generation_kwargs(longest))
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        stops = set(self.eos_token_ids)
         answers = []
-        for r, tokens in zip(requests, new_tokens):
-            answers.append(self.tokenizer.decode(tokens[:r.max_new_tokens], skip_special_tokens=True))
+        for r, tokens, prompt_length in zip(requests, new_tokens, prompt_lengths):
+            tokens = tokens[:r.max_new_tokens]  # the batch ran to its longest budget
+            end = next((i for i, t in enumerate(tokens) if t in stops), None)
+            kept = tokens if end is None else tokens[:end + 1]  # rows that stopped early are padded after it
+            answers.append(Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                                      prompt_tokens=int(prompt_length), completion_tokens=len(kept),
+                                      finish_reason="length" if end is None else "stop"))
         return answers
 
 

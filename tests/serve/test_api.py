@@ -16,6 +16,7 @@ from PIL import Image
 from radscribe.data.imaging import load_image
 from radscribe.serve.api import ServeConfig, create_app, data_uri, serve_in_thread
 from radscribe.serve.safety import ImagePolicy
+from radscribe.serve.engine import Generation
 
 
 def png(size=(32, 24), mode="RGB", color=(200, 30, 30)) -> bytes:
@@ -55,6 +56,10 @@ class ScriptedEngine:
         self.requests.extend(requests)
         time.sleep(self.delay_s)
         return [self._answer(r) for r in requests]
+
+    def complete(self, requests):
+        return [Generation(text, prompt_tokens=7, completion_tokens=len(text.split()), finish_reason="stop")
+                for text in self.generate(requests)]
 
     def stream(self, request):
         self.requests.append(request)
@@ -318,7 +323,9 @@ def test_openai_client_works_unchanged_against_the_tiny_model(tiny_engine):
             {"type": "text", "text": "图片中的诊断结果是怎样?"}]}]
         completion = client.chat.completions.create(model="radscribe-tiny", messages=messages, max_tokens=12)
         text = completion.choices[0].message.content
-        assert completion.choices[0].finish_reason in ("stop", "length") and text
+        assert text and 1 <= completion.usage.completion_tokens <= 12 and completion.usage.prompt_tokens > 16
+        assert completion.choices[0].finish_reason == ("length" if completion.usage.completion_tokens == 12
+                                                       else "stop")
         stream = client.chat.completions.create(model="radscribe-tiny", messages=messages, max_tokens=12,
                                                 stream=True)
         pieces = [c.choices[0].delta.content or "" for c in stream]

@@ -88,3 +88,24 @@ def test_left_padding_is_exact_for_the_other_architectures(tiny_model_dir, arch)
     engine = Engine.from_pretrained(tiny_model_dir(arch), dtype="fp32", device="cpu")
     requests = [_requests(max_new_tokens=8)[i] for i in (0, 2, 3)]
     assert engine.generate(requests, batch_size=3) == [engine.generate([r])[0] for r in requests]
+
+
+def test_complete_reports_token_counts_and_why_each_answer_ended(engine):
+    requests = _requests(max_new_tokens=6)
+    batched = engine.complete(requests, batch_size=4)
+    for r, g in zip(requests, batched):
+        assert g.prompt_tokens == engine._encode([r])["input_ids"].shape[1]  # padding not counted
+    assert [g.text for g in batched] == engine.generate(requests, batch_size=1)
+    # The random tiny model does not emit an end-of-turn token within 6 steps: every answer hit the budget.
+    assert all(g.finish_reason == "length" and g.completion_tokens == 6 for g in batched)
+
+    # Make the token each answer starts with an end-of-turn token: the answers now stop after one token.
+    first = {engine.tokenizer.convert_tokens_to_ids(engine.tokenizer.tokenize(g.text)[0]) for g in batched if g.text}
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = sorted(set(saved) | first)
+    try:
+        stopped = engine.complete(requests, batch_size=4)
+    finally:
+        engine.eos_token_ids = saved
+    assert any(g.finish_reason == "stop" and g.completion_tokens == 1 for g in stopped)
+    assert all(g.completion_tokens <= 6 for g in stopped)
