@@ -135,17 +135,15 @@ def _flag(result: AuditResult, cfg: AuditConfig, check: str, val_id: str, train_
 
 def _image_hashes(path: Path) -> tuple[str, np.ndarray]:
     import imagehash
-    from PIL import Image, UnidentifiedImageError
+
+    from radscribe.data.imaging import load_image
 
     try:
         data = path.read_bytes()
     except OSError as err:
         raise RadscribeError(f"image {path} cannot be read ({err.strerror}); re-run `radscribe prepare`") from None
-    try:
-        with Image.open(path) as image:
-            bits = imagehash.phash(image.convert("L")).hash.flatten()
-    except (UnidentifiedImageError, OSError) as err:
-        raise RadscribeError(f"image {path} cannot be decoded ({err})") from None
+    image = load_image(data, name=str(path))  # the one loader: raises RadscribeError naming the file
+    bits = imagehash.phash(image.convert("L")).hash.flatten()
     return hashlib.sha256(data).hexdigest(), bits.astype(np.float32)
 
 
