@@ -19,7 +19,7 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
 
 
-# --- synth (issue: prepare) -------------------------------------------------------------------------------
+# --- synth ---
 def cmd_synth(sub) -> None:
     p = sub.add_parser("synth", help="write MedTrinity-shaped parquet shards of phantom images with reports")
     p.add_argument("--config", default=None, help="a YAML file of SynthConfig fields (flags override it)")
@@ -50,7 +50,7 @@ def cmd_synth(sub) -> None:
     p.set_defaults(handler=run)
 
 
-# --- prepare (issues: prepare, DICOM) ---------------------------------------------------------------------
+# --- prepare ---
 def cmd_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="image/report data -> ShareGPT multimodal dataset (LLaMA-Factory-readable)")
     p.add_argument("inputs", nargs="*", help="parquet files, globs or folders (MedTrinity 25M_demo / 25M_full layout)")
@@ -95,7 +95,7 @@ def cmd_prepare(sub) -> None:
     p.set_defaults(handler=run)
 
 
-# --- tiny-model / train (issue: train) -------------------------------------------------------------------
+# --- tiny-model / train ---
 def cmd_tiny_model(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny randomly initialised Qwen-VL model folder (offline)")
     p.add_argument("out", metavar="OUT", help="folder to write (created; existing files are overwritten)")
@@ -152,7 +152,7 @@ def cmd_train(sub) -> None:
     p.set_defaults(handler=run)
 
 
-# --- eval / score / audit / report (issue: eval) -----------------------------------------------------------
+# --- eval / score / audit / report ---
 def cmd_eval(sub) -> None:
     p = sub.add_parser("eval", help="batched generation on a split; BLEU-4/ROUGE as LLaMA-Factory + clinical checks")
     p.add_argument("--model", required=True, help="base model folder")
@@ -231,7 +231,7 @@ def cmd_report(sub) -> None:
     p.set_defaults(handler=run)
 
 
-# --- chat / serve / export (issue: serve) ------------------------------------------------------------------
+# --- chat / serve / export ---
 def cmd_chat(sub) -> None:
     p = sub.add_parser("chat", help="stream a report for an image (or DICOM) in the terminal")
     p.add_argument("--model", required=True, help="base model folder (or a merged export)")
@@ -328,7 +328,7 @@ def cmd_export(sub) -> None:
     p.set_defaults(handler=run)
 
 
-# --- demo (issue: demo) -----------------------------------------------------------------------------------
+# --- demo ---
 def cmd_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default: synth -> prepare -> train -> eval -> report")
     p.add_argument("--out", default=None, help="demo folder (default runs/demo)")
@@ -345,10 +345,6 @@ def cmd_demo(sub) -> None:
                                  f"(see {result['report']})")
 
     p.set_defaults(handler=run)
-
-
-def _todo(name: str) -> None:
-    raise RadscribeError(f"`radscribe {name}` is not built yet")
 
 
 def build_parser() -> argparse.ArgumentParser:
