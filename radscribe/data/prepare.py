@@ -238,7 +238,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         from radscribe.data.sources import group_pattern, row_groups
 
         group_pattern(cfg.group_by)
-        row_groups(cfg.inputs, cfg.images)
+        units = row_groups(cfg.inputs, cfg.images)
+        if cfg.group_by is None and units:
+            _warn_if_groups_ignored(units[0].path)
     (out / "images").mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
 
@@ -316,6 +318,16 @@ def _die_with_parent() -> None:
 def _remove_stale_temporaries(out: Path) -> None:
     for stale in (out / "images").glob(".tmp-*"):
         stale.unlink(missing_ok=True)
+
+
+def _warn_if_groups_ignored(parquet: str) -> None:
+    """A row-level split of data that names its patients leaks slices of one patient into validation."""
+    import pyarrow.parquet as pq
+
+    if "patient" in pq.ParquetFile(parquet).schema_arrow.names:
+        print(f"radscribe prepare: warning: {parquet} has a 'patient' column but the split is by row id; "
+              "pass --group-by patient to keep each patient's rows on one side of the split",
+              file=sys.stderr, flush=True)
 
 
 def _prompts(cfg: PrepareConfig) -> list[str]:

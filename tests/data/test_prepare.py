@@ -420,3 +420,15 @@ def test_overwrite_replaces_a_dataset_prepared_with_other_arguments(tmp_path):
     mine = (out / "notes.txt").read_text()
     (out / "notes.txt").unlink()
     assert mine == "mine" and _tree(out) == _tree(tmp_path / "fresh")
+
+
+def test_a_row_split_of_data_with_patients_warns(tmp_path, capsys):
+    from radscribe.data.prepare import PrepareConfig, prepare
+    from radscribe.data.synth import SynthConfig, synth
+
+    shards = synth(SynthConfig(out=str(tmp_path / "synth"), n=12, size=32, slices_per_patient=3))
+    prepare(PrepareConfig(inputs=[str(s) for s in shards], out=str(tmp_path / "rows"), workers=1))
+    assert "pass --group-by patient" in capsys.readouterr().err
+    prepare(PrepareConfig(inputs=[str(s) for s in shards], out=str(tmp_path / "grouped"), group_by="patient",
+                          workers=1))
+    assert "--group-by" not in capsys.readouterr().err
