@@ -26,7 +26,9 @@ import yaml
 
 from radscribe.errors import RadscribeError
 from radscribe.evaluate import stats
+from radscribe.evaluate.metrics import read_predictions
 from radscribe.evaluate.predict import load_per_sample, statistics_for
+from radscribe.train import read_log
 
 HEADLINE = ("bleu-4", "rouge-l", "location_f1", "finding_f1", "hallucination_rate", "truth_location_accuracy",
             "truth_finding_accuracy", "truth_all_accuracy")
@@ -93,15 +95,10 @@ def _read_run(path: Path) -> RunInfo:
     for folder in folders:
         scores = json.loads((folder / "scores.json").read_text(encoding="utf-8"))
         predictions_file = folder / "generated_predictions.jsonl"
-        predictions = ([json.loads(line) for line in predictions_file.read_text(encoding="utf-8").splitlines()
-                        if line.strip()] if predictions_file.is_file() else [])
+        predictions = read_predictions(predictions_file) if predictions_file.is_file() else []
         evals.append(EvalResult(label, folder.name, folder, scores, predictions))
     config = (path / "config.yaml").read_text(encoding="utf-8") if (path / "config.yaml").is_file() else None
-    log = []
-    if (path / "log.jsonl").is_file():
-        log = [json.loads(line) for line in (path / "log.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
-    return RunInfo(label, path, evals, config, log)
+    return RunInfo(label, path, evals, config, read_log(path))
 
 
 def _comparisons(runs: list[RunInfo], n_boot: int, seed: int) -> list[dict]:
