@@ -100,27 +100,49 @@ def cmd_tiny_model(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny randomly initialised Qwen-VL model folder (offline)")
     p.add_argument("out", metavar="OUT", help="folder to write (created; existing files are overwritten)")
     p.add_argument("--arch", default="qwen3_vl", choices=["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"])
+    p.add_argument("--layout", default="ours", choices=["ours", "real"],
+                   help="ours: a self-trained small vocabulary that learns in seconds (default); real: every file "
+                        "as in the published download (Qwen's real vocabulary, template, processor, bf16 weights)")
     p.add_argument("--seed", type=int, default=0, help="weights seed; same arguments -> same files")
-    p.add_argument("--text-hidden", type=int, default=64, help="language model hidden size (multiple of 16)")
-    p.add_argument("--text-layers", type=int, default=2)
-    p.add_argument("--vision-hidden", type=int, default=32, help="vision tower hidden size (multiple of 16)")
-    p.add_argument("--vision-depth", type=int, default=2)
-    p.add_argument("--experts", type=int, default=4, help="MoE only: experts per layer")
-    p.add_argument("--experts-per-token", type=int, default=2, help="MoE only: top-k")
-    p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary target (stops early on small corpora)")
-    p.add_argument("--min-pixels", type=int, default=64 * 64, help="processor: smaller images are upscaled to this")
-    p.add_argument("--max-pixels", type=int, default=768 * 768, help="processor: larger images are downscaled to this")
-    p.add_argument("--corpus-dataset", default=None, metavar="DIR",
-                   help="train the tokenizer on this prepared dataset's prompts and reports (default: built-in)")
+    p.add_argument("--text-hidden", type=int, help="language model hidden size (multiple of 16; default 64)")
+    p.add_argument("--text-layers", type=int, help="language model layers (default 2; 4 with --layout real)")
+    p.add_argument("--vision-hidden", type=int, help="vision tower hidden size (multiple of 16; default 32)")
+    p.add_argument("--vision-depth", type=int, help="vision tower blocks (default 2)")
+    p.add_argument("--experts", type=int, help="MoE only: experts per layer (default 4)")
+    p.add_argument("--experts-per-token", type=int, help="MoE only: top-k (default 2)")
+    ours = p.add_argument_group("--layout ours only")
+    ours.add_argument("--vocab-size", type=int, help="BPE vocabulary target (default 1000; stops early on small corpora)")
+    ours.add_argument("--min-pixels", type=int, help="processor: smaller images are upscaled to this (default 64²)")
+    ours.add_argument("--max-pixels", type=int, help="processor: larger images are downscaled to this (default 768²)")
+    ours.add_argument("--corpus-dataset", default=None, metavar="DIR",
+                      help="train the tokenizer on this prepared dataset's prompts and reports (default: built-in)")
+    real = p.add_argument_group("--layout real only")
+    real.add_argument("--tiktoken", metavar="FILE",
+                      help="Qwen's qwen.tiktoken (default: the one in the installed dashscope package)")
 
     def run(a):
-        from radscribe.model.tiny import build_tiny_model, dataset_corpus
+        sizes = {name: getattr(a, name) for name in ("text_hidden", "text_layers", "vision_hidden", "vision_depth",
+                                                     "experts", "experts_per_token")
+                 if getattr(a, name) is not None}
+        only_ours = {"--vocab-size": a.vocab_size, "--min-pixels": a.min_pixels, "--max-pixels": a.max_pixels,
+                     "--corpus-dataset": a.corpus_dataset}
+        if a.layout == "real":
+            given = [flag for flag, value in only_ours.items() if value is not None]
+            if given:
+                raise RadscribeError(f"{', '.join(given)} cannot take effect with --layout real (the real layout has "
+                                     "Qwen's own vocabulary and the published processor limits)")
+            from radscribe.model.real_layout import Widths, build_real_layout_model
 
-        corpus = dataset_corpus(a.corpus_dataset) if a.corpus_dataset else None
-        out = build_tiny_model(a.arch, a.out, a.seed, text_hidden=a.text_hidden, text_layers=a.text_layers,
-                               vision_hidden=a.vision_hidden, vision_depth=a.vision_depth, experts=a.experts,
-                               experts_per_token=a.experts_per_token, corpus=corpus, vocab_size=a.vocab_size,
-                               min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+            out = build_real_layout_model(a.arch, a.out, a.seed, widths=Widths(**sizes), tiktoken=a.tiktoken)
+        else:
+            if a.tiktoken is not None:
+                raise RadscribeError("--tiktoken only applies to --layout real (ours trains its own vocabulary)")
+            from radscribe.model.tiny import build_tiny_model, dataset_corpus
+
+            corpus = dataset_corpus(a.corpus_dataset) if a.corpus_dataset else None
+            options = {name: value for name, value in (("vocab_size", a.vocab_size), ("min_pixels", a.min_pixels),
+                                                       ("max_pixels", a.max_pixels)) if value is not None}
+            out = build_tiny_model(a.arch, a.out, a.seed, corpus=corpus, **sizes, **options)
         print(out)
 
     p.set_defaults(handler=run)

@@ -1,6 +1,7 @@
 """Tiny, randomly initialised Qwen-VL models of the real transformers classes, built offline in seconds.
 
 Run as: radscribe tiny-model --arch qwen3_vl|qwen3_vl_moe|qwen2_5_vl OUT [--seed N] [--text-hidden 128 ...]
+(this is `--layout ours`, the default; `--layout real`, the published download's files: radscribe.model.real_layout)
 
 The folder it writes looks like a released checkpoint (config.json, generation_config.json, model.safetensors,
 tokenizer files with a Qwen-style chat template, preprocessor_config.json, processor_config.json), so tests and
