@@ -41,10 +41,11 @@ def child(args) -> None:
 
 
 def _ours(args) -> dict:
-    from radscribe.train import config_from_args, train
+    from radscribe.config import config_from_args
+    from radscribe.train import TrainConfig, train
 
     run = Path(tempfile.mkdtemp(prefix=f"ours-{args.arch}-{args.threads}-", dir=args.work))
-    cfg = config_from_args(None, [
+    cfg = config_from_args(TrainConfig, None, [
         "train.precision=fp32", f"train.max_steps={args.steps}", f"train.per_device_batch={args.batch}",
         "train.grad_accum=1", "train.lr=1e-3", "train.logging_steps=10", "train.save_steps=100000",
         "lora.rank=16", "lora.alpha=32", "data.val_split=null"],
@@ -203,7 +204,7 @@ def replace_section(out: Path, name: str, text: str) -> None:
 def zero_compare(work: Path, data: Path, model: Path, out: Path) -> None:
     """One epoch of the 200 rows at lr 2e-3 in 2 processes: z2 vs z3 at the same global batch (8), then the
     reference article's pairing scaled down: z2 at per-device 2 (global 4) vs z3 at per-device 16 (global 32)."""
-    from radscribe.train import read_log
+    from radscribe.runlog import read_log
 
     runs = {"z2, per-device 4 (global 8)": ("z2", 4), "z3, per-device 4 (global 8)": ("z3", 4),
             "z2, per-device 2 (global 4)": ("z2", 2), "z3, per-device 16 (global 32)": ("z3", 16)}

@@ -2,102 +2,157 @@
 
 Run as: radscribe {synth,prepare,tiny-model,train,eval,score,audit,report,chat,serve,export,demo} --help
 
-Stage modules are imported inside each handler so `radscribe --help` and the data commands start fast
-(importing transformers' model classes alone takes 8-10 s on this machine).
+Every stage takes `--config PRESET_OR_YAML` plus dotted `FIELD=VALUE` overrides; its flags are shorthands for
+config fields, applied last, and its `--help` lists every field with its default and docstring (`Stage`).
+Stage modules are imported only for the subcommand being run, so `radscribe --help` and the data commands start
+fast (importing transformers' model classes alone takes 8-10 s on this machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
+import types
+import typing
+from typing import Callable
 
 from radscribe.errors import RadscribeError
 
-
-def _overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="a preset name (see radscribe/presets) or a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
+OVERRIDE = re.compile(r"([A-Za-z_]\w*)(\.\w+)*=")
 
 
-# --- synth ---
-def cmd_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write MedTrinity-shaped parquet shards of phantom images with reports")
-    p.add_argument("--config", default=None, help="a YAML file of SynthConfig fields (flags override it)")
-    p.add_argument("--out", help="output folder for the parquet shards (default data/synth)")
-    p.add_argument("--n", type=int, help="number of images (default 1000)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--lang", choices=["zh", "en"], help="report language (default zh)")
-    p.add_argument("--size", type=int, help="image side in pixels (default 224)")
-    p.add_argument("--shard-rows", type=int, help="rows per parquet shard (default 1000)")
-    p.add_argument("--format", choices=["jpeg", "png"], help="image encoding (default jpeg)")
-    p.add_argument("--slices-per-patient", type=int, help="consecutive rows sharing one patient (default 1)")
-    p.add_argument("--normal-fraction", type=float, help="fraction of patients with no lesion (default 0.15)")
-    p.add_argument("--workers", type=int, help="processes (default: one per core when there are several shards)")
+class Stage:
+    """One subcommand's config plumbing, the same for every stage: `--config PRESET_OR_YAML`, `FIELD=VALUE`
+    overrides, and flags that are shorthands for config fields (applied last), each documented from the field's
+    docstring and default; the epilog lists every field (`radscribe.config.config_help`)."""
 
-    def run(a):
-        import dataclasses
+    def __init__(self, parser: argparse.ArgumentParser, cls, example: str = ""):
+        from radscribe.config import config_help
 
-        from radscribe.config import load_config
-        from radscribe.data.synth import SynthConfig, synth
+        self.parser, self.cls = parser, cls
+        self.flags: list[tuple[str, str, str, Callable | None]] = []  # (option, argparse dest, field, convert)
+        self.positionals: list[tuple[str, bool]] = []  # (argparse dest, takes several)
+        self.fields = {f.name for f in dataclasses.fields(cls)}
+        parser.add_argument("--config", metavar="PRESET_OR_YAML",
+                            help="a preset (radscribe/presets/*.yaml) or a YAML file of the fields listed below")
+        parser.epilog = config_help(cls) + (f"\n\nexample:\n  {example}" if example else "")
 
-        cfg = load_config(SynthConfig, a.config)
-        flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(SynthConfig)
-                 if getattr(a, f.name, None) is not None}
-        cfg = dataclasses.replace(cfg, **flags)
+    def flag(self, option: str, field: str | None = None, *, convert: Callable | None = None,
+             help: str | None = None, **kwargs) -> None:
+        """`--option` (or a positional NAME) for `field` (default: the option's name with - as _)."""
+        from radscribe.config import field_doc, format_value, literal_choices
+
+        field = field or option.lstrip("-").replace("-", "_")
+        info = field_doc(self.cls, field)
+        hint = info.hint
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: the flag gives an X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        many = typing.get_origin(hint) in (list, tuple)
+        if literal_choices(info.hint) and convert is None:
+            kwargs.setdefault("choices", list(literal_choices(info.hint)))
+        elif hint is bool:
+            kwargs.setdefault("action", "store_true")
+        elif hint in (int, float) and not many:
+            kwargs.setdefault("type", hint)
+        required = info.default is dataclasses.MISSING
+        text = help or f"{info.line} ({field}; {'required' if required else 'default ' + format_value(info.default)})"
+        dest = f"flag_{len(self.flags)}"
+        if option.startswith("-"):
+            if many:
+                kwargs.setdefault("action", "append")
+            if kwargs.get("action") != "store_true" and "choices" not in kwargs:
+                kwargs.setdefault("metavar", option.lstrip("-").upper().replace("-", "_"))
+            self.parser.add_argument(option, dest=dest, default=None, help=text.replace("%", "%%"), **kwargs)
+        else:
+            self.parser.add_argument(dest, metavar=option, nargs="*" if many else "?", default=None,
+                                     help=text.replace("%", "%%"), **kwargs)
+            self.positionals.append((dest, many))
+        self.flags.append((option if option.startswith("-") else option.upper(), dest, field, convert))
+
+    def run(self, handler: Callable) -> None:
+        """`handler(cfg, args)` runs the stage on the resolved config."""
+        self.parser.add_argument("overrides", nargs="*", metavar="FIELD=VALUE",
+                                 help="config overrides, applied after --config and before the flags")
+        self.parser.set_defaults(stage=self, handler=lambda a: handler(self.config(a), a))
+
+    def config(self, a: argparse.Namespace):
+        from radscribe.config import config_from_args
+
+        overrides, plain = [], []
+        for token in self._positional_tokens(a):
+            known = OVERRIDE.match(token) and OVERRIDE.match(token).group(1) in self.fields
+            (overrides if known else plain).append(token)
+        for dest, many in self.positionals:  # the plain tokens fill the declared positionals in order
+            setattr(a, dest, plain if many else (plain[0] if plain else None))
+            plain = [] if many else plain[1:]
+        if any(not OVERRIDE.match(t) for t in plain):
+            self.parser.error(f"unrecognized arguments: {' '.join(plain)}")
+        flags = {}
+        for _, dest, field, convert in self.flags:
+            value = getattr(a, dest)
+            if value is not None and value != []:
+                flags[field] = convert(value) if convert else value
+        if not a.config:  # name the flag of a required field left out (the loader would name only the field)
+            given = set(flags) | {t.split("=")[0] for t in overrides}
+            for option, _, field, _ in self.flags:
+                if field not in given and self._required(field):
+                    raise RadscribeError(f"{option} is required ({field})")
+        # a FIELD=VALUE with an unknown field goes to the loader, whose error names the known fields
+        return config_from_args(self.cls, a.config, overrides + plain, **flags)
+
+    def _required(self, field: str) -> bool:
+        f = next((f for f in dataclasses.fields(self.cls) if f.name == field), None)
+        return f is not None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+    def _positional_tokens(self, a) -> list[str]:
+        tokens: list[str] = []
+        for dest, many in self.positionals:
+            value = getattr(a, dest)
+            tokens += (value or []) if many else ([value] if value is not None else [])
+        return tokens + list(a.overrides) + list(getattr(a, "extras", []))
+
+
+# --- data ---
+def cmd_synth(p) -> None:
+    from radscribe.data.synth import SynthConfig
+
+    s = Stage(p, SynthConfig, example="radscribe synth --out data/synth --n 200 --lang en")
+    for option in ("--out", "--n", "--seed", "--lang", "--size", "--shard-rows", "--format", "--slices-per-patient",
+                   "--normal-fraction", "--workers"):
+        s.flag(option)
+
+    def run(cfg, a):
+        from radscribe.data.synth import synth
+
         paths = synth(cfg)
         print(f"{cfg.out}: {cfg.n} rows in {len(paths)} parquet shard(s)")
 
-    p.set_defaults(handler=run)
+    s.run(run)
 
 
-# --- prepare ---
-def cmd_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="image/report data -> ShareGPT multimodal dataset (LLaMA-Factory-readable)")
-    p.add_argument("inputs", nargs="*", help="parquet files, globs or folders (MedTrinity 25M_demo / 25M_full layout)")
-    p.add_argument("--config", default=None, help="a YAML file of PrepareConfig fields (flags override it)")
-    p.add_argument("--out", help="output dataset folder (default data/dataset)")
-    p.add_argument("--images", help="images folder of the 25M_full layout, joined on file_name")
-    p.add_argument("--val-ratio", type=float, help="validation fraction (default 0.1)")
-    p.add_argument("--group-by", help="keep groups on one side: source, patient, or a regex on the file name")
-    p.add_argument("--format", choices=["json", "jsonl"], help="train/val file format (default json)")
-    p.add_argument("--lang", choices=["zh", "en"], help="language of the default prompt (default zh)")
-    p.add_argument("--prompt", help="custom prompt (<image> is prepended when missing)")
-    p.add_argument("--prompts-file", help="file of prompts, one per line, sampled per row")
-    p.add_argument("--seed", type=int, help="seed of the prompt sampling (default 0)")
-    p.add_argument("--max-pixels", type=int, help="reject images with more pixels (default 50,000,000)")
-    p.add_argument("--verify", choices=["decode", "structure"],
-                   help="check headers, end markers and PNG CRCs (structure, default) or also decode every JPEG")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace a dataset prepared in --out with other arguments (only radscribe's files)")
-    p.add_argument("--workers", type=int, help="image-verification processes (default: one per core)")
-    p.add_argument("--dicom", help="DICOM folder (with --reports); rows are de-identified")
-    p.add_argument("--nifti", help="NIfTI folder (with --reports)")
-    p.add_argument("--reports", help="reports CSV for --dicom/--nifti")
-    p.add_argument("--window", help="display window: auto, multi, or a preset (brain, lung, ...)")
-    p.add_argument("--slices", help="slices of a volume: middle, all, every:N")
-    p.add_argument("--keep-ids", action="store_true", default=None, help="keep source ids (no PHI only)")
-    p.add_argument("--allow-burned-in", action="store_true", default=None,
-                   help="accept images flagged with burned-in annotation")
-    p.add_argument("--id-key", help="reports CSV column to join on")
-    p.add_argument("--key", help="pseudonymisation secret (else env RADSCRIBE_DEID_KEY or a key file)")
+def cmd_prepare(p) -> None:
+    from radscribe.data.prepare import PrepareConfig
 
-    def run(a):
-        import dataclasses
+    s = Stage(p, PrepareConfig, example="radscribe prepare data/synth --out data/dataset --group-by patient")
+    s.flag("inputs")
+    for option in ("--out", "--images", "--val-ratio", "--group-by", "--format", "--lang", "--prompt",
+                   "--prompts-file", "--seed", "--max-pixels", "--verify", "--overwrite", "--workers", "--dicom",
+                   "--nifti", "--reports", "--window", "--slices", "--keep-ids", "--allow-burned-in", "--id-key",
+                   "--key"):
+        s.flag(option)
 
-        from radscribe.config import load_config
-        from radscribe.data.prepare import PrepareConfig, prepare
+    def run(cfg, a):
+        from radscribe.data.prepare import prepare
 
-        cfg = load_config(PrepareConfig, a.config)
-        flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(PrepareConfig)
-                 if getattr(a, f.name, None) not in (None, [])}
-        prepare(dataclasses.replace(cfg, **flags))
+        prepare(cfg)
 
-    p.set_defaults(handler=run)
+    s.run(run)
 
 
 # --- tiny-model / train ---
-def cmd_tiny_model(sub) -> None:
-    p = sub.add_parser("tiny-model", help="write a tiny randomly initialised Qwen-VL model folder (offline)")
+def cmd_tiny_model(p) -> None:
     p.add_argument("out", metavar="OUT", help="folder to write (created; existing files are overwritten)")
     p.add_argument("--arch", default="qwen3_vl", choices=["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"])
     p.add_argument("--layout", default="ours", choices=["ours", "real"],
@@ -148,64 +203,53 @@ def cmd_tiny_model(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def cmd_train(sub) -> None:
-    p = sub.add_parser("train", help="LoRA / QLoRA fine-tuning of a local Qwen-VL model on a prepared dataset")
-    _overrides(p)
-    p.add_argument("--model", help="base model folder (model.path)")
-    p.add_argument("--data", help="prepared dataset folder (data.dataset)")
-    p.add_argument("--out", help="run folder (output.dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--deepspeed", help="z2, z3 or a DeepSpeed JSON file (train.deepspeed)")
-    p.add_argument("--nproc", type=int, help="processes to launch through torchrun (train.nproc)")
+def cmd_train(p) -> None:
+    from radscribe.train import TrainConfig
+
+    s = Stage(p, TrainConfig, example="a short run on a tiny model (radscribe tiny-model M; radscribe synth; "
+              "radscribe prepare):\n  radscribe train --model M --data data/dataset --out runs/short "
+              "train.max_steps=20 data.max_samples=64 train.precision=fp32")
+    s.flag("--model", "model.path")
+    s.flag("--data", "data.dataset")
+    s.flag("--out", "output.dir")
+    s.flag("--resume", "output.resume")
+    s.flag("--deepspeed", "train.deepspeed")
+    s.flag("--nproc", "train.nproc")
     p.add_argument("--emit-llamafactory", action="store_true",
                    help="only write OUT/llamafactory.yaml + OUT/dataset_info.json (the same recipe), do not train")
 
-    def run(a):
-        from radscribe.train import config_from_args, emit_llamafactory, train
-
-        cfg = config_from_args(a.config, a.overrides, **{
-            "model.path": a.model, "data.dataset": a.data, "output.dir": a.out,
-            "output.resume": True if a.resume else None, "train.deepspeed": a.deepspeed, "train.nproc": a.nproc})
+    def run(cfg, a):
         if a.emit_llamafactory:
+            from radscribe.interop.llamafactory import emit_llamafactory
+
             print(emit_llamafactory(cfg))
             return
+        from radscribe.train import train
+
         print(train(cfg))
 
-    p.set_defaults(handler=run)
+    s.run(run)
 
 
 # --- eval / score / audit / report ---
-def cmd_eval(sub) -> None:
-    p = sub.add_parser("eval", help="batched generation on a split; BLEU-4/ROUGE as LLaMA-Factory + clinical checks")
-    p.add_argument("--model", required=True, help="base model folder")
-    p.add_argument("--adapter", default=None, help="run folder (or its adapter/); omit to evaluate the base model")
-    p.add_argument("--data", required=True, help="prepared dataset folder")
-    p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    p.add_argument("--ablate", choices=["blank", "shuffle"], default=None, help="image-grounding check")
-    p.add_argument("--out", default=None, help="output root (default RUN/eval); results go to OUT/<split>[-<ablate>]")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    p.add_argument("--workers", type=int, default=1, help="processes for BLEU/ROUGE scoring")
+def cmd_eval(p) -> None:
+    from radscribe.evaluate.predict import EvalConfig
 
-    def run(a):
-        from radscribe.evaluate.predict import EvalConfig, evaluate
+    s = Stage(p, EvalConfig, example="radscribe eval --model M --adapter runs/r --data data/dataset --limit 16")
+    for option in ("--model", "--adapter", "--data", "--split", "--batch-size", "--max-new-tokens", "--limit",
+                   "--ablate", "--out", "--temperature", "--top-p", "--seed", "--n-boot", "--workers"):
+        s.flag(option)
+    s.flag("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
 
-        evaluate(EvalConfig(model=a.model, data=a.data, adapter=a.adapter, split=a.split, batch_size=a.batch_size,
-                            max_new_tokens=a.max_new_tokens, limit=a.limit, ablate=a.ablate, out=a.out,
-                            temperature=a.temperature, top_p=a.top_p, seed=a.seed, dtype=a.dtype,
-                            n_boot=a.n_boot, workers=a.workers))
+    def run(cfg, a):
+        from radscribe.evaluate.predict import evaluate
 
-    p.set_defaults(handler=run)
+        evaluate(cfg)
+
+    s.run(run)
 
 
-def cmd_score(sub) -> None:
-    p = sub.add_parser("score", help="score an existing generated_predictions.jsonl")
+def cmd_score(p) -> None:
     p.add_argument("file", help="a generated_predictions.jsonl (LLaMA-Factory, vLLM or ours)")
     p.add_argument("--out", default=None, help="also write scores.json, predict_results.json, per_sample.jsonl here")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
@@ -219,27 +263,26 @@ def cmd_score(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def cmd_audit(sub) -> None:
-    p = sub.add_parser("audit", help="leakage audit of a prepared dataset across train/val")
-    p.add_argument("dataset", help="prepared dataset folder")
-    p.add_argument("--near-threshold", type=int, default=4, help="pHash Hamming distance counted as near duplicate")
-    p.add_argument("--strict", action="store_true", help="exit non-zero when the leak share exceeds --max-rate")
-    p.add_argument("--max-rate", type=float, default=0.0, help="tolerated share of val rows flagged (0-1)")
+def cmd_audit(p) -> None:
+    from radscribe.evaluate.audit import AuditConfig
 
-    def run(a):
-        from radscribe.evaluate.audit import AuditConfig, audit, check_strict
+    s = Stage(p, AuditConfig, example="radscribe audit data/dataset --strict")
+    s.flag("dataset")
+    for option in ("--near-threshold", "--strict", "--max-rate", "--examples"):
+        s.flag(option)
 
-        cfg = AuditConfig(dataset=a.dataset, near_threshold=a.near_threshold, max_rate=a.max_rate)
+    def run(cfg, a):
+        from radscribe.evaluate.audit import audit, check_strict
+
         result = audit(cfg)
         print(result.table())
-        if a.strict:
+        if cfg.strict:
             check_strict(result, cfg)
 
-    p.set_defaults(handler=run)
+    s.run(run)
 
 
-def cmd_report(sub) -> None:
-    p = sub.add_parser("report", help="self-contained HTML + Markdown report of one or more runs")
+def cmd_report(p) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or eval output folders; the first is the baseline")
     p.add_argument("--out", default=None, help="output folder (default FIRST_RUN/report)")
     p.add_argument("--samples", type=int, default=6, help="sample images shown with their reports")
@@ -254,8 +297,7 @@ def cmd_report(sub) -> None:
 
 
 # --- chat / serve / export ---
-def cmd_chat(sub) -> None:
-    p = sub.add_parser("chat", help="stream a report for an image (or DICOM) in the terminal")
+def cmd_chat(p) -> None:
     p.add_argument("--model", required=True, help="base model folder (or a merged export)")
     p.add_argument("--adapter", default=None, help="a `radscribe train` run folder or a PEFT adapter folder")
     p.add_argument("--image", required=True, help="PNG/JPEG/WebP, DICOM or NIfTI file")
@@ -276,110 +318,152 @@ def cmd_chat(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def cmd_serve(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible API and web page")
-    p.add_argument("--model", required=True, help="base model folder, or a `radscribe export` folder")
-    p.add_argument("--adapter", default=None, help="run or adapter folder (hf backend only)")
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="hf: transformers + our batching (CPU or GPU); vllm: vLLM on a merged export (GPU)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: env RADSCRIBE_API_KEY)")
-    p.add_argument("--model-name", default="radscribe", help="model id in /v1/models")
-    p.add_argument("--allow-folder", default=None, help="let image_url read local files inside this folder")
-    p.add_argument("--allow-host", action="append", default=[], help="let image_url fetch from this host (repeat)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body")
-    p.add_argument("--max-image-mb", type=float, default=20, help="largest encoded image")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image width x height")
-    p.add_argument("--max-batch", type=int, default=8, help="requests generated together (1 = no batching)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--quantize", choices=["4bit"], default=None, help="load the hf backend in bitsandbytes nf4")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--max-model-len", type=int, default=8192, help="vllm backend: context length")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="vllm backend: GPU memory share")
+def cmd_serve(p) -> None:
+    from radscribe.serve.api import ServeConfig
 
-    def run(a):
+    s = Stage(p, ServeConfig, example="radscribe serve --model M --adapter runs/r --port 8000")
+    for option in ("--model", "--adapter", "--backend", "--host", "--port", "--api-key", "--model-name", "--dtype",
+                   "--device", "--max-batch", "--batch-wait-ms"):
+        s.flag(option)
+    s.flag("--quantize", "quantization")
+    s.flag("--allow-folder", "images.allow_folder")
+    s.flag("--allow-host", "images.allow_hosts")
+    s.flag("--max-tokens", "max_tokens_limit")
+    s.flag("--max-body-mb", "max_body_bytes", type=float, convert=_mib, help="largest request body in MB (default 16)")
+    s.flag("--max-image-mb", "images.max_image_bytes", type=float, convert=_mib,
+           help="largest encoded image in MB (default 20)")
+    s.flag("--max-pixels", "images.max_pixels")
+    s.flag("--max-model-len", "vllm.max_model_len")
+    s.flag("--gpu-memory-utilization", "vllm.gpu_memory_utilization")
+
+    def run(cfg, a):
         import os
-        from pathlib import Path
 
-        api_key = a.api_key or os.environ.get("RADSCRIBE_API_KEY") or None
-        if a.backend == "vllm":
-            from radscribe.serve.vllm import VllmOptions, serve_vllm
+        cfg.api_key = cfg.api_key or os.environ.get("RADSCRIBE_API_KEY") or None
+        if cfg.images.allow_folder is not None and not cfg.images.allow_folder.is_dir():
+            raise RadscribeError(f"--allow-folder {cfg.images.allow_folder} is not a folder")
+        if cfg.backend == "vllm":
+            from radscribe.serve.vllm import serve_vllm
 
-            if a.adapter:
+            if cfg.adapter:
                 raise RadscribeError("--backend vllm serves a merged model: run `radscribe export --model BASE "
                                      "--adapter RUN OUT` and pass --model OUT (vLLM cannot put LoRA on fused MoE experts)")
-            code = serve_vllm(a.model, a.host, a.port, a.model_name, api_key,
-                              VllmOptions(max_model_len=a.max_model_len,
-                                          gpu_memory_utilization=a.gpu_memory_utilization),
-                              allow_hosts=a.allow_host, allow_folder=a.allow_folder)
+            code = serve_vllm(cfg.model, cfg.host, cfg.port, cfg.model_name, cfg.api_key, cfg.vllm,
+                              allow_hosts=cfg.images.allow_hosts, allow_folder=cfg.images.allow_folder)
             if code:
                 raise RadscribeError(f"vLLM exited with status {code}")
             return
-        from radscribe.serve.api import ServeConfig, serve
-        from radscribe.serve.safety import ImagePolicy
+        from radscribe.serve.api import serve
 
-        if a.allow_folder and not Path(a.allow_folder).is_dir():
-            raise RadscribeError(f"--allow-folder {a.allow_folder} is not a folder")
-        policy = ImagePolicy(max_image_bytes=int(a.max_image_mb * 1024 * 1024), max_pixels=a.max_pixels,
-                             allow_folder=Path(a.allow_folder) if a.allow_folder else None, allow_hosts=a.allow_host)
-        cfg = ServeConfig(host=a.host, port=a.port, api_key=api_key, model_name=a.model_name,
-                          max_body_bytes=int(a.max_body_mb * 1024 * 1024), max_tokens_limit=a.max_tokens,
-                          images=policy, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms)
-        serve(a.model, adapter=a.adapter, cfg=cfg, dtype=a.dtype, quantization=a.quantize, device=a.device)
+        serve(cfg.model, adapter=cfg.adapter, cfg=cfg, dtype=cfg.dtype, quantization=cfg.quantization,
+              device=cfg.device)
 
-    p.set_defaults(handler=run)
+    s.run(run)
 
 
-def cmd_export(sub) -> None:
-    p = sub.add_parser("export", help="merge the adapter into a standalone model folder (vLLM, 4-bit)")
-    p.add_argument("out", help="new folder for the merged model")
-    p.add_argument("--model", required=True, help="base model folder")
-    p.add_argument("--adapter", required=True, help="a `radscribe train` run folder or a PEFT adapter folder")
-    p.add_argument("--quantize", choices=["4bit"], default=None, help="save bitsandbytes nf4 (pre-quantised)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="merge dtype")
-    p.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
+def _mib(megabytes: float) -> int:
+    return int(megabytes * 1024 * 1024)
 
-    def run(a):
+
+def cmd_export(p) -> None:
+    from radscribe.export import ExportConfig
+
+    s = Stage(p, ExportConfig, example="radscribe export --model M --adapter runs/r exports/r --quantize 4bit")
+    s.flag("out", "out_dir")
+    s.flag("--model", "model_dir")
+    s.flag("--adapter")
+    s.flag("--quantize")
+    s.flag("--dtype")
+    s.flag("--device")
+
+    def run(cfg, a):
         from radscribe.export import export
 
-        export(a.model, a.adapter, a.out, quantize=a.quantize, dtype=a.dtype, device=a.device)
+        export(**dataclasses.asdict(cfg))
 
-    p.set_defaults(handler=run)
+    s.run(run)
 
 
 # --- demo ---
-def cmd_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded default: synth -> prepare -> train -> eval -> report")
-    p.add_argument("--out", default=None, help="demo folder (default runs/demo)")
-    p.add_argument("--lang", choices=["zh", "en"], default=None, help="report language (default zh)")
+def cmd_demo(p) -> None:
+    from radscribe.demo import DemoConfig
+
+    s = Stage(p, DemoConfig, example="radscribe demo --out runs/demo --lang en finetune.steps=300")
+    s.flag("--out")
+    s.flag("--lang")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
-    _overrides(p)
 
-    def run(a):
-        from radscribe.demo import config_from_args, demo
+    def run(cfg, a):
+        from radscribe.demo import demo
 
-        result = demo(config_from_args(a.config, a.overrides, out=a.out, lang=a.lang), fresh=a.fresh)
+        result = demo(cfg, fresh=a.fresh)
         if not result["improved"]:
             raise RadscribeError("the fine-tuned model did not beat the base with non-overlapping CIs "
                                  f"(see {result['report']})")
 
-    p.set_defaults(handler=run)
+    s.run(run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radscribe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (cmd_synth, cmd_prepare, cmd_tiny_model, cmd_train, cmd_eval, cmd_score, cmd_audit, cmd_report,
-                cmd_chat, cmd_serve, cmd_export, cmd_demo):
-        add(sub)
+COMMANDS = {
+    "synth": ("write MedTrinity-shaped parquet shards of phantom images with reports", cmd_synth),
+    "prepare": ("image/report data -> ShareGPT multimodal dataset (LLaMA-Factory-readable)", cmd_prepare),
+    "tiny-model": ("write a tiny randomly initialised Qwen-VL model folder (offline)", cmd_tiny_model),
+    "train": ("LoRA / QLoRA fine-tuning of a local Qwen-VL model on a prepared dataset", cmd_train),
+    "eval": ("batched generation on a split; BLEU-4/ROUGE as LLaMA-Factory + clinical checks", cmd_eval),
+    "score": ("score an existing generated_predictions.jsonl", cmd_score),
+    "audit": ("leakage audit of a prepared dataset across train/val", cmd_audit),
+    "report": ("self-contained HTML + Markdown report of one or more runs", cmd_report),
+    "chat": ("stream a report for an image (or DICOM) in the terminal", cmd_chat),
+    "serve": ("OpenAI-compatible API and web page", cmd_serve),
+    "export": ("merge the adapter into a standalone model folder (vLLM, 4-bit)", cmd_export),
+    "demo": ("the whole pipeline on the embedded default: synth -> prepare -> train -> eval -> report", cmd_demo),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("radscribe")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that subcommand gets its flags (the others import nothing)."""
+    parser = argparse.ArgumentParser(prog="radscribe", description="Turn a general vision-language model into a "
+                                     "radiology report assistant: prepare -> train -> eval -> serve. "
+                                     "`radscribe COMMAND --help` lists each stage's config fields.")
+    parser.add_argument("--version", action="version", version=f"radscribe {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, build) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if only is None or only == name:
+            build(p)
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; only the named subcommand's stage module is imported."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else "")
+    # Known args only: FIELD=VALUE overrides and positionals may come after options (argparse would refuse them)
+    args, extras = parser.parse_known_args(argv)
+    if extras and (getattr(args, "stage", None) is None or any(e.startswith("-") for e in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    args.extras = extras
+    return args
+
+
+def stage_config(argv: list[str]):
+    """The resolved config a stage's command line asks for, without running the stage."""
+    args = parse(argv)
+    return args.stage.config(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     try:
         args.handler(args)
     except RadscribeError as err:

@@ -106,6 +106,8 @@ def demo(cfg: DemoConfig, fresh: bool = False) -> dict:
     """Run (or reuse) every stage and return the before/after numbers."""
     import torch
 
+    if cfg.data.n < 20:
+        raise RadscribeError(f"data.n={cfg.data.n}: the demo needs at least 20 images to hold some out")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     if fresh and out.exists():
@@ -304,11 +306,3 @@ def _decode(result):
 
 def _say(message: str) -> None:
     print(f"[radscribe demo] {message}", file=sys.stderr, flush=True)
-
-
-def config_from_args(preset: str | None, overrides: list[str], **flags) -> DemoConfig:
-    extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(DemoConfig, preset, list(overrides) + extra)
-    if cfg.data.n < 20:
-        raise RadscribeError(f"data.n={cfg.data.n}: the demo needs at least 20 images to hold some out")
-    return cfg

@@ -18,7 +18,9 @@ quantise the 3-D MoE expert tensors, so they stay bf16 (docs/serving.md has what
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -30,11 +32,32 @@ _PROCESSOR_EXTRAS = ("video_preprocessor_config.json", "preprocessor_config.json
                      "chat_template.json")
 
 
+@dataclass
+class ExportConfig:
+    """What `radscribe export` merges and where it writes (the fields are `export()`'s arguments)."""
+
+    model_dir: str
+    """Base model folder (as downloaded, or written by `radscribe tiny-model`)."""
+    adapter: str
+    """A `radscribe train` run folder or a PEFT adapter folder."""
+    out_dir: str
+    """New (or empty) folder for the merged model."""
+    quantize: Literal["4bit"] | None = None
+    """`4bit` saves the merged model pre-quantised in bitsandbytes nf4 (linear layers; experts stay bf16)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Merge dtype; auto keeps the base checkpoint's."""
+    device: str | None = "cpu"
+    """Where to merge: cpu or cuda."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard written."""
+
+
 def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quantize: str | None = None,
            dtype: str = "auto", device: str | None = "cpu", max_shard_size: str = "5GB") -> Path:
     """Merge `adapter` into `model_dir` and write the standalone folder `out_dir`; returns its path."""
     import torch
 
+    from radscribe.config import save_config
     from radscribe.model.load import check_model_dir, load_model, quantization_config
 
     base = check_model_dir(model_dir)
@@ -61,6 +84,8 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
     if quantize:
         _quantize_in_place(out, quantize, device, max_shard_size)
         to_released_expert_layout(out, hidden)
+    save_config(ExportConfig(str(model_dir), str(adapter), str(out_dir), quantize, dtype, device, max_shard_size),
+                out / "export_config.yaml")
     print(f"radscribe export: wrote {out} ({moved} expert tensors in the released layout"
           f"{', linear layers nf4' if quantize else ''})")
     return out

@@ -2,25 +2,19 @@
 
 Run as: radscribe train --config recommended --model MODEL_DIR --data DATASET --out RUN [section.field=value ...]
         [--resume] [--deepspeed z2|z3] [--nproc N] [--emit-llamafactory]
+A short run on the tiny model: add train.max_steps=20 data.max_samples=64 (`radscribe train --help` lists fields).
 
-`train(cfg)` reads top to bottom: setup (config, model, LoRA, data) -> fit (HF Trainer) -> save (adapter,
-processor, summary, loss curve). Collation is ours because two things must hold that LLaMA-Factory's does not
-guarantee: the loss sees only assistant tokens (the report and its end-of-turn token), and `cutoff_len` never
-cuts through an image's token run (their issue #5964) - text is truncated, images are downscaled or the sample
-is rejected with a counted reason.
+`train(cfg)` reads top to bottom: set_up (run folder, data, model, LoRA, encoding) -> fit (the HF Trainer) ->
+save (adapter or model, processor, summary, loss curve). Encoding lives in radscribe/encode.py, the run log in
+radscribe/runlog.py, rank and device in radscribe/dist.py, the LLaMA-Factory recipe in radscribe/interop/.
 
-With `--nproc N` this process re-launches itself through torchrun (`python -m radscribe.train RUN/config.yaml`
+With `--nproc N` this process re-launches itself through torchrun (`python -m radscribe.train RUN/launch_config.yaml`
 in every worker); multi-node users can run that same command under their own torchrun.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-import os
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -28,20 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from radscribe.config import PRESETS_DIR, load_config, save_config, to_dict
+from radscribe import dist
+from radscribe.config import changed_fields, deepspeed_config, load_config, save_config
 from radscribe.errors import RadscribeError
+from radscribe.runlog import checkpoint_step, last_checkpoint, truncate_log
 
 SMALL_DATA_ROWS = 10_000
 """Training sets up to this size get `lora.small_data_dropout` (the recommended recipe's 0.05)."""
-
-IGNORE_INDEX = -100
-# Per-token keys are padded along the sequence; every other key the processor returns (pixel_values,
-# image_grid_thw, ...) is concatenated along dim 0, so nothing it returns is dropped (Qwen3-VL's forward
-# raises without mm_token_type_ids when images are present).
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels")
-PAD_VALUES = {"labels": IGNORE_INDEX}
-MAX_IMAGE_SHRINKS = 4
-IMAGE_PAD = "<|image_pad|>"
 
 
 # --- config ------------------------------------------------------------------------------------------------
@@ -159,210 +146,98 @@ class TrainConfig:
     """Where the run goes."""
 
 
-# --- encoding: assistant-only labels, image-safe cutoff ------------------------------------------------------
-class Rejected(Exception):
-    """A sample that cannot be trained on; the reason is counted in the run's rejects."""
-
-
-def fit_pixels(image, max_pixels: int, min_pixels: int):
-    """Scale an image (keeping aspect) into [min_pixels, max_pixels], as LLaMA-Factory's image_max/min_pixels."""
-    w, h = image.size
-    if w * h > max_pixels:
-        scale = math.sqrt(max_pixels / (w * h))
-    elif w * h < min_pixels:
-        scale = math.sqrt(min_pixels / (w * h))
-    else:
-        return image
-    return image.resize((max(1, int(w * scale)), max(1, int(h * scale))))
-
-
-def chat_segments(processor, messages: list[dict], n_images: int) -> list[tuple[str, bool]]:
-    """Render the conversation with the model's own chat template and split it into (text, is_label) pieces.
-
-    The label pieces are exactly each assistant message's content plus the end-of-turn token; whatever the
-    template puts before the content (a role header, an empty think block) or after the end-of-turn token
-    stays unlabelled.
-    """
-    from radscribe.data.dataset import to_chat
-
-    chat = to_chat(messages, [None] * n_images)
-    eos = processor.tokenizer.eos_token
-    pieces: list[tuple[str, bool]] = []
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        if "<image>" in message["content"]:
-            raise Rejected("image inside an assistant message")
-        prefix = processor.apply_chat_template(chat[:i], add_generation_prompt=True, tokenize=False)
-        full = processor.apply_chat_template(chat[:i + 1], tokenize=False)
-        if not prefix.startswith(done) or not full.startswith(prefix):
-            raise RadscribeError("the model's chat template does not render conversations incrementally; "
-                                 "assistant-only labels cannot be located")
-        reply = full[len(prefix):]
-        start = reply.find(message["content"])
-        end = reply.find(eos, start + len(message["content"]))
-        if start < 0 or end < 0:
-            raise RadscribeError(f"the chat template does not end assistant turns with {eos}")
-        end += len(eos)
-        pieces.append((prefix[len(done):] + reply[:start], False))
-        pieces.append((reply[start:end], True))
-        done = prefix + reply[:end]
-    if not pieces:
-        raise Rejected("no assistant message")
-    return [(text, label) for text, label in pieces if text]
+# --- the stage ---------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Path:
+    """Train per `cfg` and return the run folder."""
+    if not cfg.output.dir:
+        raise RadscribeError("output.dir: pass --out RUN")
+    if cfg.train.nproc > 1 and not dist.get_dist_info().launched:
+        return launch(cfg)
+    run = set_up(cfg)
+    if run.finished:
+        return run.dir
+    try:
+        trainer, result, runtime = fit(cfg, run)
+        save(cfg, run, trainer, result, runtime)
+    finally:
+        dist.forget_launcher_env(run.launcher_env)
+    return run.dir
 
 
 @dataclass
-class Encoder:
-    """One sample -> model inputs + labels, within `cutoff_len` and without cutting an image token run."""
+class Run:
+    """What set-up hands to fit and save."""
 
-    processor: object
-    cutoff_len: int
-    image_max_pixels: int
-    image_min_pixels: int
-
-    def __call__(self, sample) -> dict:
-        from radscribe.data.imaging import load_image
-
-        images = [fit_pixels(load_image(p), self.image_max_pixels, self.image_min_pixels) for p in sample.images]
-        pieces = chat_segments(self.processor, sample.messages, len(images))
-        for _ in range(MAX_IMAGE_SHRINKS + 1):
-            queue = list(images)
-            encoded = [self._encode_piece(text, label, queue) for text, label in pieces]
-            kept, budget = [], self.cutoff_len
-            for enc in encoded:
-                n = enc["input_ids"].shape[-1]
-                if n <= budget:
-                    kept.append(enc)
-                    budget -= n
-                    continue
-                if enc["is_label"] and budget > 0:  # truncate report text, never a prompt with images
-                    kept.append({k: (v[..., :budget] if k in SEQUENCE_KEYS else v) for k, v in enc.items()})
-                break
-            if any(e["is_label"] for e in kept):
-                return _concat(kept)
-            images = self._shrunk(images, encoded[0])
-        raise Rejected("image tokens exceed cutoff_len after downscaling")
-
-    def _encode_piece(self, text: str, label: bool, queue: list) -> dict:
-        import torch
-
-        count = text.count(IMAGE_PAD)
-        taken = queue[:count]
-        del queue[:count]
-        if taken:
-            enc = dict(self.processor(text=[text], images=taken, return_tensors="pt"))
-        else:
-            # Text-only pieces skip the processor (its per-call overhead was half the encoding time); the
-            # per-token keys it would add are constant for text: mask 1, token type 0 (not an image token).
-            ids = self.processor.tokenizer([text], add_special_tokens=False, return_tensors="pt")["input_ids"]
-            enc = {key: torch.ones_like(ids) if key == "attention_mask" else torch.zeros_like(ids)
-                   for key in self.sequence_keys}
-            enc["input_ids"] = ids
-        ids = enc["input_ids"]
-        enc["labels"] = ids.clone() if label else torch.full_like(ids, IGNORE_INDEX)
-        enc["is_label"] = label
-        return enc
-
-    @functools.cached_property
-    def sequence_keys(self) -> list[str]:
-        """The per-token keys this processor returns for text (input_ids, attention_mask, mm_token_type_ids...)."""
-        return [k for k in self.processor(text=["x"], return_tensors="pt") if k in SEQUENCE_KEYS]
-
-    def _shrunk(self, images: list, first: dict) -> list:
-        """Downscale the images so that the first prompt + one report token fit, or reject the sample."""
-        image_id = self.processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-        ids = first["input_ids"][0]
-        image_tokens = int((ids == image_id).sum())
-        if not image_tokens:
-            raise Rejected("prompt text longer than cutoff_len")
-        room = self.cutoff_len - (ids.shape[-1] - image_tokens) - 1
-        if room <= 0:
-            raise Rejected("prompt text longer than cutoff_len")
-        # image tokens grow with pixel area, so scale each side by sqrt(room / tokens), with a margin for the
-        # processor rounding sides up to a multiple of patch * merge
-        scale = math.sqrt(room / image_tokens) * 0.9
-        smaller = []
-        for im in images:
-            w, h = im.size
-            if w * h * scale * scale < self.image_min_pixels:
-                raise Rejected("image tokens exceed cutoff_len even at image_min_pixels")
-            smaller.append(im.resize((max(1, int(w * scale)), max(1, int(h * scale)))))
-        return smaller
+    dir: Path
+    finished: bool = False
+    last_checkpoint: Path | None = None
+    launcher_env: list[str] = field(default_factory=list)
+    args: object = None
+    model: object = None
+    processor: object = None
+    described: dict = field(default_factory=dict)
+    train_set: object = None
+    val_set: object = None
+    rejects: list[dict] = field(default_factory=list)
+    encode_seconds: float = 0.0
 
 
-def _concat(pieces: list[dict]) -> dict:
-    import torch
+# --- set-up ------------------------------------------------------------------------------------------------
+def set_up(cfg: TrainConfig) -> Run:
+    """Check the run folder, read the data, start the process group, load and wrap the model, encode."""
+    from radscribe.encode import encode_splits
 
-    out: dict = {}
-    for key in pieces[0]:
-        if key == "is_label":
-            continue
-        values = [p[key] for p in pieces if key in p]
-        out[key] = torch.cat(values, dim=-1 if key in SEQUENCE_KEYS else 0)
-    for key in SEQUENCE_KEYS:
-        if key in out:
-            out[key] = out[key][0]
-    return out
+    run = Run(Path(cfg.output.dir))
+    if not cfg.model.path or not Path(cfg.model.path).is_dir():
+        raise RadscribeError(f"model.path: base model folder {cfg.model.path!r} does not exist (pass --model DIR)")
+    run.last_checkpoint = last_checkpoint(run.dir / "checkpoints")
+    if run.last_checkpoint and not cfg.output.resume:
+        raise RadscribeError(f"{run.dir} already holds checkpoints; pass --resume to continue or choose another --out")
+    train_rows, val_rows = read_rows(cfg)
+    cfg = resolve_config(cfg, len(train_rows))
+    if cfg.output.resume and _finished(cfg, run.dir):
+        run.finished = True
+        return run
+    run.launcher_env = dist.init_process_group(deepspeed=bool(cfg.train.deepspeed))
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        _start_run_folder(cfg, run)
+    # TrainingArguments before the model load: under ZeRO-3 they make from_pretrained load partitioned
+    run.args = _training_arguments(cfg, run.dir / "checkpoints", has_val=bool(val_rows))
+    run.model, run.processor = _build_model(cfg)
+    from radscribe.model.lora import describe
 
+    run.described = describe(run.model)
+    _say_what_trains(cfg, run.described)
 
-def collate(features: list[dict], pad_token_id: int) -> dict:
-    """Right-pad the per-token keys; concatenate every other key (images of all samples, in order)."""
-    import torch
-
-    longest = max(f["input_ids"].shape[-1] for f in features)
-    batch: dict = {}
-    keys = dict.fromkeys(k for f in features for k in f)
-    for key in keys:
-        if key in SEQUENCE_KEYS:
-            pad = pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
-            rows = [torch.nn.functional.pad(f[key], (0, longest - f[key].shape[-1]), value=pad) for f in features]
-            batch[key] = torch.stack(rows)
-        else:
-            batch[key] = torch.cat([f[key] for f in features if key in f], dim=0)
-    return batch
-
-
-class EncodedDataset:
-    """Training samples: encoded once by `plan_split` and kept while they fit the memory budget, else re-encoded
-    on access (images decoded lazily), so memory stays bounded on large datasets."""
-
-    def __init__(self, samples: list, encoded: list, encoder: Encoder):
-        self.samples, self.encoded, self.encoder = samples, encoded, encoder
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        cached = self.encoded[index]
-        return cached if cached is not None else self.encoder(self.samples[index])
+    started = time.perf_counter()
+    run.train_set, run.val_set, run.rejects = encode_splits(run.processor, cfg.data, train_rows, val_rows)
+    run.encode_seconds = time.perf_counter() - started
+    if run.rejects:
+        _say(f"rejected {len(run.rejects)} sample(s): {dict(Counter(r['reason'] for r in run.rejects))}")
+    if dist.is_main():
+        with (run.dir / "rejects.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in run.rejects)
+    return run
 
 
-def plan_split(samples: list, encoder: Encoder, desc: str, cache_bytes: int) -> tuple[EncodedDataset, list[dict]]:
-    """Encode every sample once: keep the trainable ones, count the rest by reason (nothing is dropped silently).
+def read_rows(cfg: TrainConfig) -> tuple[list, list]:
+    """The training rows (required) and the validation rows; only a *missing* validation split is skipped."""
+    from radscribe.data.dataset import read_split, split_file
 
-    Encoded samples are kept in memory up to `cache_bytes`: the encoding (processor call per row) costs more than a
-    tiny model's step, and this pass pays it anyway.
-    """
-    from tqdm import tqdm
-
-    kept, encoded, rejects, used = [], [], [], 0
-    for sample in tqdm(samples, desc=f"encoding {desc}", unit="row", disable=not _is_main()):
-        try:
-            features = encoder(sample)
-        except Rejected as err:
-            rejects.append({"id": sample.id, "split": desc, "reason": str(err)})
-            continue
-        size = sum(v.numel() * v.element_size() for v in features.values())
-        keep = used + size <= cache_bytes
-        used += size if keep else 0
-        kept.append(sample)
-        encoded.append(features if keep else None)
-    return EncodedDataset(kept, encoded, encoder), rejects
+    if not cfg.data.dataset:
+        raise RadscribeError("data.dataset: pass --data DATASET")
+    train_rows = list(read_split(cfg.data.dataset, cfg.data.train_split))
+    if cfg.data.max_samples:
+        train_rows = train_rows[:cfg.data.max_samples]
+    if not cfg.data.val_split:
+        return train_rows, []
+    if split_file(cfg.data.dataset, cfg.data.val_split, missing_ok=True) is None:
+        _say(f"{cfg.data.dataset} has no {cfg.data.val_split!r} split: training without evaluation")
+        return train_rows, []
+    return train_rows, list(read_split(cfg.data.dataset, cfg.data.val_split))
 
 
-# --- setup -------------------------------------------------------------------------------------------------
 def resolve_config(cfg: TrainConfig, n_train: int) -> TrainConfig:
     """Fill what depends on the data (the recipe's dropout rule) and check the combination; the result is saved."""
     if cfg.lora.small_data_dropout is not None and n_train <= SMALL_DATA_ROWS:
@@ -374,281 +249,39 @@ def resolve_config(cfg: TrainConfig, n_train: int) -> TrainConfig:
     return cfg
 
 
-def deepspeed_config(name: str | None) -> str | None:
-    if not name:
-        return None
-    path = PRESETS_DIR / "deepspeed" / f"{name}.json" if name in ("z2", "z3") else Path(name)
-    if not path.is_file():
-        raise RadscribeError(f"train.deepspeed: {name!r} is neither z2, z3 nor an existing DeepSpeed JSON file")
-    return str(path)
+def _finished(cfg: TrainConfig, run: Path) -> bool:
+    """A finished run (train_summary.json is written last) resumes as a no-op, if it ran with these settings."""
+    summary = run / "train_summary.json"
+    if not summary.is_file():
+        return False
+    changed = changed_fields(load_config(TrainConfig, str(run / "config.yaml")), cfg, ignore=("output.resume",))
+    if changed:
+        raise RadscribeError(f"{run} is a finished run with other settings ({'; '.join(changed)}); a finished run "
+                             "is not extended: choose another --out")
+    steps = json.loads(summary.read_text(encoding="utf-8"))["steps"]
+    _say(f"{run} already finished ({steps} steps, train_summary.json): nothing to resume")
+    return True
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def _start_run_folder(cfg: TrainConfig, run: Run) -> None:
+    save_config(cfg, run.dir / "config.yaml")
+    if not cfg.output.resume or run.last_checkpoint is None:
+        (run.dir / "log.jsonl").unlink(missing_ok=True)
+    else:  # drop what the interrupted process logged after its last checkpoint: those steps are redone
+        truncate_log(run.dir, checkpoint_step(run.last_checkpoint))
 
 
-def _init_distributed(cfg: TrainConfig) -> list[str]:
-    """Start the process group before TrainingArguments (and the model load), as ZeRO-3 on CPU requires.
-
-    Returns the environment variables it set itself (for a launcher-less DeepSpeed run), to unset afterwards.
-    """
-    added: list[str] = []
-    if cfg.train.deepspeed and "RANK" not in os.environ:
-        # DeepSpeed needs a process group even for one process; without a launcher it goes looking for MPI
-        single = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        added = [k for k in single if k not in os.environ]
-        os.environ.update({k: single[k] for k in added})
-    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return added
-    import torch
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if cfg.train.deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)
-    elif not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return added
-
-
-def apply_lora(model, cfg: TrainConfig):
-    """Wrap the base in a PEFT LoRA model per `cfg.lora`, or leave every weight trainable (full fine-tuning)."""
-    if not cfg.lora.enabled:
-        model.requires_grad_(True)
-        return model
-    from peft import get_peft_model
-
-    from radscribe.model.lora import build_lora_config
-
-    target = "all" if cfg.lora.target == ["all"] else cfg.lora.target
-    config = build_lora_config(
-        model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target=target,
-        vision=cfg.lora.vision_tower, merger=cfg.lora.merger, experts=cfg.lora.experts)
-    return get_peft_model(model, config)
-
-
-# --- logging -----------------------------------------------------------------------------------------------
-def _trainer_callback_class():
-    from transformers import TrainerCallback
-
-    class RunLog(TrainerCallback):
-        """log.jsonl + TensorBoard with throughput; only the main process writes."""
-
-        def __init__(self, run: Path, samples_per_step: int):
-            self.run, self.samples_per_step = run, samples_per_step
-            self.writer = None
-            self.last = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run / "tb"))
-            self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            now, step, tokens = time.perf_counter(), state.global_step, state.num_input_tokens_seen
-            record = {"step": step, "epoch": round(state.epoch or 0.0, 4)}
-            names = {"learning_rate": "lr"}
-            for key, value in logs.items():
-                if isinstance(value, (int, float)):
-                    record[names.get(key, key)] = value
-            if "loss" in logs and self.last is not None:
-                seconds = max(now - self.last[0], 1e-9)
-                record["samples_per_s"] = round((step - self.last[1]) * self.samples_per_step / seconds, 3)
-                record["tokens_per_s"] = round((tokens - self.last[2]) / seconds, 1)
-                self.last = (now, step, tokens)
-            with (self.run / "log.jsonl").open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.writer:
-                for key, value in record.items():
-                    if key not in ("step", "epoch"):
-                        self.writer.add_scalar(("eval/" if key.startswith("eval_") else "train/") + key, value, step)
-                self.writer.flush()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.writer:
-                self.writer.close()
-
-    return RunLog
-
-
-def plot_loss(run: Path) -> Path:
-    """loss.png from log.jsonl: training loss per step, eval loss as points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_log(run)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run / "loss.png", dpi=100)
-    plt.close(fig)
-    return run / "loss.png"
-
-
-def read_log(run: str | Path) -> list[dict]:
-    path = Path(run) / "log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# --- the stage ---------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> Path:
-    """Train per `cfg` and return the run folder."""
-    run = Path(cfg.output.dir)
-    if not cfg.output.dir:
-        raise RadscribeError("output.dir: pass --out RUN")
-    if cfg.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch(cfg)
-    # -- setup
-    from radscribe.data.dataset import read_split
-    from radscribe.model.load import load_model
-
-    if not cfg.model.path or not Path(cfg.model.path).is_dir():
-        raise RadscribeError(f"model.path: base model folder {cfg.model.path!r} does not exist (pass --model DIR)")
-    checkpoints = run / "checkpoints"
-    last = _last_checkpoint(checkpoints)
-    if last and not cfg.output.resume:
-        raise RadscribeError(f"{run} already holds checkpoints; pass --resume to continue or choose another --out")
-    train_rows = _read(read_split, cfg.data.dataset, cfg.data.train_split, required=True)
-    if cfg.data.max_samples:
-        train_rows = train_rows[:cfg.data.max_samples]
-    val_rows = _read(read_split, cfg.data.dataset, cfg.data.val_split, required=False)
-    cfg = resolve_config(cfg, len(train_rows))
-    launcher_env = _init_distributed(cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    if _is_main():
-        save_config(cfg, run / "config.yaml")
-        if not cfg.output.resume or last is None:
-            (run / "log.jsonl").unlink(missing_ok=True)
-        else:  # drop what the interrupted process logged after its last checkpoint: those steps are redone
-            resumed_at = int(last.name.split("-")[-1])
-            kept = [r for r in read_log(run) if r.get("step", 0) <= resumed_at]
-            (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-
-    args = _training_arguments(cfg, checkpoints, has_val=bool(val_rows))  # before the model load: ZeRO-3 Init
+def _build_model(cfg: TrainConfig):
     from transformers import set_seed
+
+    from radscribe.model.load import load_model
 
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrapping time, before the Trainer seeds anything
     model, processor = load_model(cfg.model.path, dtype=_load_dtype(cfg), quantization=cfg.model.quantization,
                                   device="cpu" if cfg.model.quantization is None else None, trainable=True)
-    model = apply_lora(model, cfg)
-    from radscribe.model.lora import describe
+    from radscribe.model.lora import apply_lora
 
-    described = describe(model)
-    trainable, total = described["trainable_parameters"], described["total_parameters"]
-    if cfg.lora.enabled:
-        _say(f"LoRA target {cfg.lora.target} resolved to: {json.dumps(described['lora_modules'])}"
-             f" ({described['lora_module_count']} modules)"
-             + (f", experts: {described['lora_expert_parameters']}" if described["lora_expert_parameters"] else ""))
-    else:
-        _say("full-parameter fine-tuning")
-    _say(f"trainable parameters: {trainable:,} of {total:,} ({described['trainable_percent']} %)")
-
-    encoder = Encoder(processor, cfg.data.cutoff_len, cfg.data.image_max_pixels, cfg.data.image_min_pixels)
-    encode_started = time.perf_counter()
-    cache = cfg.data.cache_mib * 2**20
-    train_set, rejects = plan_split(train_rows, encoder, "train", cache)
-    val_set, val_rejects = plan_split(val_rows, encoder, "val", cache - _cached_bytes(train_set))
-    encode_seconds = time.perf_counter() - encode_started
-    train_rows, val_rows = train_set.samples, val_set.samples
-    rejects += val_rejects
-    if not train_rows:
-        reasons = dict(Counter(r["reason"] for r in rejects))
-        raise RadscribeError(f"{cfg.data.dataset}: no trainable samples (rejected: {reasons}); raise data.cutoff_len")
-    if rejects:
-        _say(f"rejected {len(rejects)} sample(s): {dict(Counter(r['reason'] for r in rejects))}")
-    if _is_main():
-        with (run / "rejects.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-
-    # -- fit
-    from transformers import Trainer
-
-    pad_id = processor.tokenizer.pad_token_id
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    samples_per_step = cfg.train.per_device_batch * cfg.train.grad_accum * world
-    trainer = Trainer(
-        model=model, args=args,
-        train_dataset=train_set, eval_dataset=val_set if val_rows else None,
-        data_collator=lambda features: collate(features, pad_id),
-        callbacks=[_trainer_callback_class()(run, samples_per_step)],
-    )
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(last) if (last and cfg.output.resume) else None)
-    runtime = time.perf_counter() - started
-    final_eval = trainer.evaluate() if val_rows else {}
-
-    # -- save
-    out_dir = run / ("adapter" if cfg.lora.enabled else "model")
-    trainer.save_model(str(out_dir))
-    if _is_main():
-        processor.save_pretrained(out_dir)
-        records = read_log(run)
-        losses = [r["loss"] for r in records if "loss" in r]
-        evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-        summary = {
-            "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-            "train_samples": len(train_rows), "val_samples": len(val_rows), "rejected": len(rejects),
-            "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
-            "global_batch": samples_per_step, "processes": world,
-            "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
-            "last_logged_loss": losses[-1] if losses else None,
-            "eval_loss_start": evals[0] if evals else None, "eval_loss": final_eval.get("eval_loss"),
-            "runtime_s": round(runtime, 2), "encode_s": round(encode_seconds, 2),
-            "tokens_seen": trainer.state.num_input_tokens_seen,
-            "trainable_parameters": trainable, "total_parameters": total,
-            "lora_targets": described["lora_modules"], "lora_module_count": described["lora_module_count"],
-            "lora_expert_parameters": described["lora_expert_parameters"],
-            "lora_dropout": cfg.lora.dropout if cfg.lora.enabled else None, "output": out_dir.name,
-        }
-        (run / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        plot_loss(run)
-    _barrier()
-    for key in launcher_env:  # a later train() in this process must not mistake itself for a torchrun worker
-        os.environ.pop(key, None)
-    return run
-
-
-def _cached_bytes(dataset: EncodedDataset) -> int:
-    return sum(v.numel() * v.element_size() for f in dataset.encoded if f is not None for v in f.values())
-
-
-def _read(read_split, dataset: str, split: str | None, required: bool) -> list:
-    if not dataset:
-        raise RadscribeError("data.dataset: pass --data DATASET")
-    if not split:
-        return []
-    try:
-        return list(read_split(dataset, split))
-    except RadscribeError:
-        if required:
-            raise
-        return []
-
-
-def _last_checkpoint(folder: Path) -> Path | None:
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    return apply_lora(model, cfg.lora), processor
 
 
 def _load_dtype(cfg: TrainConfig) -> str:
@@ -657,6 +290,14 @@ def _load_dtype(cfg: TrainConfig) -> str:
     if cfg.train.precision == "bf16" and cfg.lora.enabled:
         return "bf16"
     return "fp32"
+
+
+def _say_what_trains(cfg: TrainConfig, d: dict) -> None:
+    experts = f", experts: {d['lora_expert_parameters']}" if d["lora_expert_parameters"] else ""
+    _say(f"LoRA target {cfg.lora.target} resolved to: {json.dumps(d['lora_modules'])} ({d['lora_module_count']} "
+         f"modules){experts}" if cfg.lora.enabled else "full-parameter fine-tuning")
+    _say(f"trainable parameters: {d['trainable_parameters']:,} of {d['total_parameters']:,} "
+         f"({d['trainable_percent']} %)")
 
 
 def _training_arguments(cfg: TrainConfig, checkpoints: Path, has_val: bool):
@@ -680,135 +321,82 @@ def _training_arguments(cfg: TrainConfig, checkpoints: Path, has_val: bool):
         seed=t.seed, data_seed=t.seed, report_to="none", remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=t.dataloader_workers,
         deepspeed=deepspeed_config(t.deepspeed), use_cpu=on_cpu,
-        ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        disable_tqdm=not _is_main(),
+        ddp_backend=dist.backend() if on_cpu and dist.world_size() > 1 else None,
+        disable_tqdm=not dist.is_main(),
     )
 
 
+# --- fit ---------------------------------------------------------------------------------------------------
+def fit(cfg: TrainConfig, run: Run):
+    """The HF Trainer loop (resuming from the newest checkpoint with --resume); returns (trainer, result, s)."""
+    from transformers import Trainer
+
+    from radscribe.encode import collate
+    from radscribe.runlog import RunLog
+
+    pad_id = run.processor.tokenizer.pad_token_id
+    trainer = Trainer(
+        model=run.model, args=run.args,
+        train_dataset=run.train_set, eval_dataset=run.val_set if run.val_set.samples else None,
+        data_collator=lambda features: collate(features, pad_id),
+        callbacks=[RunLog(run.dir, _samples_per_step(cfg))],
+    )
+    resume = str(run.last_checkpoint) if (run.last_checkpoint and cfg.output.resume) else None
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        newest = last_checkpoint(run.dir / "checkpoints")
+        _say(f"interrupted at step {trainer.state.global_step}; "
+             + (f"{newest.name} is saved: continue with `radscribe train --config {run.dir / 'config.yaml'} "
+                "--resume`" if newest else "no checkpoint was saved yet (train.save_steps): a rerun starts over"))
+        raise
+    return trainer, result, time.perf_counter() - started
+
+
+def _samples_per_step(cfg: TrainConfig) -> int:
+    return cfg.train.per_device_batch * cfg.train.grad_accum * dist.world_size()
+
+
+# --- save --------------------------------------------------------------------------------------------------
+def save(cfg: TrainConfig, run: Run, trainer, result, runtime: float) -> None:
+    """The adapter (or full model) with its processor, train_summary.json (written last) and loss.png."""
+    from radscribe.runlog import loss_summary, plot_loss
+
+    final_eval = trainer.evaluate() if run.val_set.samples else {}
+    out_dir = run.dir / ("adapter" if cfg.lora.enabled else "model")
+    trainer.save_model(str(out_dir))
+    if dist.is_main():
+        run.processor.save_pretrained(out_dir)
+        d = run.described
+        summary = {
+            "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+            "train_samples": len(run.train_set.samples), "val_samples": len(run.val_set.samples),
+            "rejected": len(run.rejects), "rejected_by_reason": dict(Counter(r["reason"] for r in run.rejects)),
+            "global_batch": _samples_per_step(cfg), "processes": dist.world_size(),
+            "train_loss": result.training_loss, **loss_summary(run.dir), "eval_loss": final_eval.get("eval_loss"),
+            "runtime_s": round(runtime, 2), "encode_s": round(run.encode_seconds, 2),
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            "trainable_parameters": d["trainable_parameters"], "total_parameters": d["total_parameters"],
+            "lora_targets": d["lora_modules"], "lora_module_count": d["lora_module_count"],
+            "lora_expert_parameters": d["lora_expert_parameters"],
+            "lora_dropout": cfg.lora.dropout if cfg.lora.enabled else None, "output": out_dir.name,
+        }
+        plot_loss(run.dir)
+        (run.dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    dist.barrier()
+
+
 def _say(message: str) -> None:
-    if _is_main():
-        print(f"[radscribe train] {message}", file=sys.stderr, flush=True)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    dist.print0(message, "radscribe train")
 
 
 # --- multi-process launch ----------------------------------------------------------------------------------
 def launch(cfg: TrainConfig) -> Path:
-    """Re-run this training in `nproc` processes through torchrun; every worker reads RUN/config.yaml."""
-    run = Path(cfg.output.dir)
-    run.mkdir(parents=True, exist_ok=True)
-    config_file = save_config(cfg, run / "launch_config.yaml")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.train.nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "radscribe.train", str(config_file)]
-    _say(" ".join(command))
-    done = subprocess.run(command)
-    if done.returncode != 0:
-        raise RadscribeError(f"torchrun with {cfg.train.nproc} processes failed (exit {done.returncode}); "
-                             "see the worker output above")
-    return run
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# --- LLaMA-Factory interop ---------------------------------------------------------------------------------
-# Template per base-model family: Qwen3-VL Instruct must use the no-think template, else an empty think block
-# lands in the labels. The only per-architecture table in this module.
-LLAMAFACTORY_TEMPLATES = {"qwen3_vl": "qwen3_vl_nothink", "qwen3_vl_moe": "qwen3_vl_nothink",
-                          "qwen2_5_vl": "qwen2_vl"}
-
-
-def emit_llamafactory(cfg: TrainConfig) -> Path:
-    """Write RUN/llamafactory.yaml and RUN/dataset_info.json: the same recipe for LLaMA-Factory (0.9.x)."""
-    import yaml
-
-    run = Path(cfg.output.dir)
-    if not (Path(cfg.model.path) / "config.json").is_file():
-        raise RadscribeError(f"model.path: {cfg.model.path!r} is not a model folder (no config.json); pass --model DIR")
-    model_type = json.loads((Path(cfg.model.path) / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type not in LLAMAFACTORY_TEMPLATES:
-        raise RadscribeError(f"{cfg.model.path}/config.json: model_type {model_type!r} has no LLaMA-Factory "
-                             f"template here; known: {', '.join(LLAMAFACTORY_TEMPLATES)}")
-    from radscribe.data.dataset import split_file
-
-    dataset = Path(cfg.data.dataset).resolve()
-    info = {}
-    for key, split in (("radscribe_train", cfg.data.train_split), ("radscribe_val", cfg.data.val_split)):
-        try:
-            path = split_file(dataset, split) if split else None
-        except RadscribeError:
-            if key == "radscribe_train":
-                raise
-            path = None
-        if path:
-            info[key] = {"file_name": str(path), "formatting": "sharegpt",
-                         "columns": {"messages": "messages", "images": "images"},
-                         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                                  "assistant_tag": "assistant", "system_tag": "system"}}
-    t, lora = cfg.train, cfg.lora
-    recipe = {
-        "model_name_or_path": str(Path(cfg.model.path).resolve()),
-        "image_max_pixels": cfg.data.image_max_pixels, "image_min_pixels": cfg.data.image_min_pixels,
-        "trust_remote_code": True,
-        "stage": "sft", "do_train": True,
-        "finetuning_type": "lora" if lora.enabled else "full",
-        # LLaMA-Factory's `lora_target: all` reaches the tower/merger only when they are not frozen
-        "freeze_vision_tower": lora.enabled and not lora.vision_tower,
-        "freeze_multi_modal_projector": lora.enabled and not lora.merger,
-        # dataset_info.json sits in the run folder and names the split files by absolute path; image paths in
-        # the rows are relative to the dataset folder, which LLaMA-Factory calls media_dir
-        "dataset_dir": str(run.resolve()), "media_dir": str(dataset), "dataset": "radscribe_train",
-        "template": LLAMAFACTORY_TEMPLATES[model_type], "cutoff_len": cfg.data.cutoff_len,
-        "overwrite_cache": True, "preprocessing_num_workers": 16,
-        "output_dir": str((run / "llamafactory").resolve()), "logging_steps": t.logging_steps,
-        "save_steps": t.save_steps, "plot_loss": True, "overwrite_output_dir": True,
-        "per_device_train_batch_size": t.per_device_batch, "gradient_accumulation_steps": t.grad_accum,
-        "learning_rate": t.lr, "num_train_epochs": t.epochs, "lr_scheduler_type": t.scheduler,
-        "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm, "weight_decay": t.weight_decay,
-        "bf16": t.precision == "bf16", "seed": t.seed, "ddp_timeout": 180000000,
-    }
-    if lora.enabled:
-        recipe.update({"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-                       "lora_target": ",".join(lora.target)})
-    if cfg.model.quantization == "4bit":
-        recipe.update({"quantization_bit": 4, "quantization_method": "bnb"})
-    if t.max_steps > 0:
-        recipe["max_steps"] = t.max_steps
-    if t.gradient_checkpointing is False:
-        recipe["disable_gradient_checkpointing"] = True
-    if t.deepspeed:
-        recipe["deepspeed"] = deepspeed_config(t.deepspeed)
-    if "radscribe_val" in info:
-        recipe.update({"eval_dataset": "radscribe_val", "per_device_eval_batch_size": t.per_device_batch,
-                       "eval_strategy": "steps" if t.eval_steps else "epoch"})
-        if t.eval_steps:
-            recipe["eval_steps"] = t.eval_steps
-    notes = [] if lora.target == ["all"] else ["lora_target names modules by their LLaMA-Factory meaning"]
-    if lora.experts:
-        notes.append("lora.experts has no LLaMA-Factory equivalent: its LoRA never reaches fused MoE experts")
-    run.mkdir(parents=True, exist_ok=True)
-    header = "# Written by `radscribe train --emit-llamafactory`; run: llamafactory-cli train llamafactory.yaml\n"
-    header += "".join(f"# NOTE: {n}\n" for n in notes)
-    (run / "llamafactory.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True),
-                                           encoding="utf-8")
-    (run / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return run / "llamafactory.yaml"
-
-
-def config_from_args(preset: str | None, overrides: list[str], **flags) -> TrainConfig:
-    """The CLI's flags are shorthands for config fields (--model -> model.path, ...), applied last."""
-    # JSON-quoted so that a path like "runs/true" or "a: b" stays a string (JSON is YAML)
-    extra = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, ensure_ascii=False)}"
-             for key, value in flags.items() if value is not None]
-    return load_config(TrainConfig, preset, list(overrides) + extra)
+    """Re-run this training in `nproc` processes through torchrun; every worker reads RUN/launch_config.yaml."""
+    config_file = save_config(cfg, Path(cfg.output.dir) / "launch_config.yaml")
+    dist.launch(cfg.train.nproc, "radscribe.train", str(config_file), prefix="radscribe train")
+    return Path(cfg.output.dir)
 
 
 if __name__ == "__main__":  # a torchrun worker: python -m radscribe.train RUN/launch_config.yaml

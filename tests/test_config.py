@@ -54,3 +54,35 @@ def test_bad_overrides_name_the_field(override, message):
 def test_unknown_preset_lists_known():
     with pytest.raises(RadscribeError, match="unknown preset"):
         load_config(Outer, "no-such-preset")
+
+
+def test_help_reads_the_field_docstrings_and_defaults():
+    from radscribe.config import config_help, describe
+
+    assert [(e.name, e.section) for e in describe(Outer)] == [
+        ("name", False), ("mode", False), ("path", False), ("inner", True), ("inner.rank", False),
+        ("inner.lr", False), ("inner.target", False)]
+    lines = config_help(Outer).splitlines()
+    assert "  mode          a        Mode. [a|b]" in lines and "inner: Nested section." in lines
+    assert "  inner.target  [\"all\"]  Modules." in lines and "  path          null     Optional path." in lines
+
+
+def test_config_from_args_flags_win_and_stay_strings():
+    from radscribe.config import config_from_args
+
+    cfg = config_from_args(Outer, None, ["name=z", "inner.rank=2"], **{"name": "a: b #1", "inner.rank": None})
+    assert (cfg.name, cfg.inner.rank) == ("a: b #1", 2)  # None = flag not given
+
+
+def test_required_fields_and_changed_fields():
+    from radscribe.config import changed_fields
+
+    @dataclasses.dataclass
+    class Needs:
+        model: str
+        """Required."""
+
+    with pytest.raises(RadscribeError, match="model must be given"):
+        load_config(Needs, None, [])
+    assert changed_fields(Outer(), load_config(Outer, None, ["inner.rank=9", "path=/x"]), ignore=("path",)) == [
+        "inner.rank: 8 -> 9"]

@@ -20,8 +20,11 @@ from PIL import Image
 
 from radscribe.data.dataset import Sample, read_split
 from radscribe.errors import RadscribeError
-from radscribe.train import (Encoder, Rejected, TrainConfig, collate, config_from_args, emit_llamafactory,
-                             read_log, train)
+from radscribe.config import config_from_args
+from radscribe.encode import Encoder, Rejected, collate
+from radscribe.interop.llamafactory import emit_llamafactory
+from radscribe.runlog import read_log
+from radscribe.train import TrainConfig, train
 
 REPORT = "这是一张肺部CT图像。左上区域可见一小的高密度影,考虑结节。周围结构未见明显异常。"
 
@@ -144,9 +147,9 @@ def test_collator_keeps_every_processor_key_and_mixes_text_only_rows(processor, 
 
 # --- config, presets, interop ------------------------------------------------------------------------------
 def test_presets_are_the_issue_recipes():
-    z2 = config_from_args("reference-z2", [])
-    z3 = config_from_args("reference-z3", [])
-    rec = config_from_args("recommended", [])
+    z2 = config_from_args(TrainConfig, "reference-z2", [])
+    z3 = config_from_args(TrainConfig, "reference-z3", [])
+    rec = config_from_args(TrainConfig, "recommended", [])
     for cfg in (z2, z3):
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target) == (8, 16, 0.0, ["all"])
         t = cfg.train
@@ -158,25 +161,26 @@ def test_presets_are_the_issue_recipes():
     assert (rec.lora.rank, rec.lora.alpha, rec.train.warmup_ratio, rec.train.epochs) == (32, 64, 0.1, 3)
     from radscribe.train import resolve_config
 
-    cfg = config_from_args("recommended", ["model.path=."])
+    cfg = config_from_args(TrainConfig, "recommended", ["model.path=."])
     assert resolve_config(cfg, 10_000).lora.dropout == 0.05
-    cfg = config_from_args("recommended", ["model.path=."])
+    cfg = config_from_args(TrainConfig, "recommended", ["model.path=."])
     assert resolve_config(cfg, 10_001).lora.dropout == 0.0
 
 
 def test_cli_flags_stay_strings_and_overrides_apply():
-    cfg = config_from_args("recommended", ["lora.rank=4", "train.lr=1e-3"],
+    cfg = config_from_args(TrainConfig, "recommended", ["lora.rank=4", "train.lr=1e-3"],
                            **{"model.path": "true", "output.dir": Path("runs/a: b #1"), "train.nproc": 2,
                               "output.resume": True})
     assert (cfg.model.path, cfg.output.dir, cfg.train.nproc, cfg.output.resume) == ("true", "runs/a: b #1", 2, True)
     assert (cfg.lora.rank, cfg.train.lr, cfg.lora.alpha) == (4, 1e-3, 64)
     with pytest.raises(RadscribeError, match="lora: unknown field"):
-        config_from_args(None, ["lora.rnak=4"])
+        config_from_args(TrainConfig, None, ["lora.rnak=4"])
 
 
 def test_emit_llamafactory_writes_the_equivalent_recipe(tiny_model_dir, tiny_dataset, tmp_path):
-    cfg = config_from_args("reference-z2", [], **{"model.path": tiny_model_dir("qwen3_vl"),
-                                                  "data.dataset": tiny_dataset, "output.dir": tmp_path / "run"})
+    cfg = config_from_args(TrainConfig, "reference-z2", [], **{"model.path": tiny_model_dir("qwen3_vl"),
+                                                               "data.dataset": tiny_dataset,
+                                                               "output.dir": tmp_path / "run"})
     recipe = yaml.safe_load(emit_llamafactory(cfg).read_text())
     assert recipe["template"] == "qwen3_vl_nothink" and recipe["lora_target"] == "all"
     assert (recipe["lora_rank"], recipe["lora_alpha"], recipe["learning_rate"]) == (8, 16, 5e-5)
@@ -207,8 +211,8 @@ def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
 def _cfg(model_dir, dataset, out, *overrides) -> TrainConfig:
     base = ["train.precision=fp32", "train.epochs=1", "train.per_device_batch=8", "train.grad_accum=1",
             "train.lr=2e-3", "train.logging_steps=5", "train.save_steps=1000", "lora.rank=16", "lora.alpha=32"]
-    return config_from_args(None, base + list(overrides), **{"model.path": str(model_dir),
-                                                             "data.dataset": str(dataset), "output.dir": str(out)})
+    return config_from_args(TrainConfig, None, base + list(overrides),
+                            **{"model.path": str(model_dir), "data.dataset": str(dataset), "output.dir": str(out)})
 
 
 def _greedy(model, processor, sample: Sample) -> list[int]:
@@ -358,3 +362,94 @@ def test_encoded_cache_changes_nothing_but_speed(tiny_model_dir, tiny_dataset, t
                        "train.max_steps=3", "train.logging_steps=1", "data.val_split=null")) for mib in (0, 1024)]
     uncached, cached = ([r["loss"] for r in read_log(run) if "loss" in r] for run in runs)
     assert len(cached) == 3 and cached == uncached
+
+
+# --- what used to be silent or misleading ------------------------------------------------------------------
+def _copy_dataset(src: Path, dst: Path, val: str | None) -> Path:
+    dst.mkdir()
+    (dst / "images").symlink_to(src / "images")
+    (dst / "train.json").write_text((src / "train.json").read_text())
+    if val is not None:
+        (dst / "val.json").write_text(val)
+    return dst
+
+
+def test_a_broken_val_split_fails_in_one_line_and_only_a_missing_one_is_skipped(tiny_model_dir, tiny_dataset,
+                                                                                tmp_path, capsys):
+    from radscribe.cli import main
+    from radscribe.train import read_rows
+
+    tiny_model_dir("qwen3_vl")
+    capsys.readouterr()  # the fixtures' own progress output
+    rows = json.loads((tiny_dataset / "val.json").read_text())
+    rows[3]["images"] = []  # its <image> placeholder now has no image
+    broken = _copy_dataset(tiny_dataset, tmp_path / "broken", json.dumps(rows, ensure_ascii=False))
+    assert main(["train", "--model", str(tiny_model_dir("qwen3_vl")), "--data", str(broken), "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "val.json: row 3 has 1 <image> placeholders but 0 images" in err
+    assert not (tmp_path / "run").exists()
+
+    no_val = _copy_dataset(tiny_dataset, tmp_path / "no-val", None)
+    train_rows, val_rows = read_rows(_cfg(tiny_model_dir("qwen3_vl"), no_val, tmp_path / "r"))
+    assert (len(train_rows), val_rows) == (200, [])
+    assert f"{no_val} has no 'val' split: training without evaluation" in capsys.readouterr().err
+
+
+def test_data_that_is_not_a_prepared_dataset_folder_says_run_prepare(tiny_model_dir, tmp_path, capsys):
+    from radscribe.cli import main
+
+    tiny_model_dir("qwen3_vl")
+    capsys.readouterr()
+    parquet = tmp_path / "x.parquet"
+    parquet.write_bytes(b"PAR1")
+    for data in (parquet, tmp_path):  # a parquet file, and a folder of parquet files
+        assert main(["train", "--model", str(tiny_model_dir("qwen3_vl")), "--data", str(data), "--out",
+                     str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0
+        assert f"{data} is not a prepared dataset folder; run `radscribe prepare {data} --out DATASET`" in err
+
+
+def test_resume_on_a_finished_run_is_a_no_op_that_says_so(tiny_model_dir, tiny_dataset, tmp_path, capsys):
+    run = train(_cfg(tiny_model_dir("qwen3_vl"), tiny_dataset, tmp_path / "run", "train.max_steps=2",
+                     "train.save_steps=1", "data.val_split=null"))
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    capsys.readouterr()
+    again = _cfg(tiny_model_dir("qwen3_vl"), tiny_dataset, tmp_path / "run", "train.max_steps=2",
+                 "train.save_steps=1", "data.val_split=null", "output.resume=true")
+    assert train(again) == run
+    assert f"{run} already finished (2 steps, train_summary.json): nothing to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints == ["checkpoint-1", "checkpoint-2"]
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    with pytest.raises(RadscribeError, match=r"finished run with other settings \(train.max_steps: 2 -> 4\)"):
+        train(_cfg(tiny_model_dir("qwen3_vl"), tiny_dataset, tmp_path / "run", "train.max_steps=4",
+                   "train.save_steps=1", "data.val_split=null", "output.resume=true"))
+
+
+def test_ctrl_c_says_how_to_resume_and_that_command_finishes_the_run(tiny_model_dir, tiny_dataset, tmp_path,
+                                                                     capsys, monkeypatch):
+    from radscribe import runlog
+    from radscribe.cli import main
+
+    real_on_log = runlog.RunLog.on_log
+
+    def interrupt_at_step_3(self, args, state, control, logs=None, **kwargs):
+        real_on_log(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runlog.RunLog, "on_log", interrupt_at_step_3)
+    run = tmp_path / "run"
+    command = ["train", "--model", str(tiny_model_dir("qwen3_vl")), "--data", str(tiny_dataset), "--out", str(run),
+               "train.precision=fp32", "train.max_steps=5", "train.per_device_batch=4", "train.grad_accum=1",
+               "train.save_steps=1", "train.logging_steps=1", "data.val_split=null"]
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    hint = f"continue with `radscribe train --config {run / 'config.yaml'} --resume`"
+    assert "interrupted at step 3; checkpoint-2 is saved: " + hint in err  # step 3 logs before it saves
+    monkeypatch.setattr(runlog.RunLog, "on_log", real_on_log)
+    assert main(["train", "--config", str(run / "config.yaml"), "--resume"]) == 0
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 5
+    assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3, 4, 5]

@@ -33,7 +33,7 @@ def test_zero2_and_zero3_two_processes_same_loss_curve_and_loadable_adapters(tin
     from peft import PeftModel
 
     from radscribe.model.load import load_model
-    from radscribe.train import read_log
+    from radscribe.runlog import read_log
 
     model_dir = tiny_model_dir("qwen3_vl")
     curves = {}

@@ -38,9 +38,17 @@ class Sample:
         return [m["content"] for m in self.messages if m["role"] == "assistant"][-1]
 
 
-def split_file(dataset_dir: str | Path, split: str) -> Path:
-    """The file holding `split` of a dataset folder: ours (train.json/val.json), JSONL, or via dataset_info.json."""
+def split_file(dataset_dir: str | Path, split: str, missing_ok: bool = False) -> Path | None:
+    """The file holding `split` of a dataset folder: ours (train.json/val.json), JSONL, or via dataset_info.json.
+
+    `missing_ok`: None when the folder has no such split (an optional validation split); any other problem,
+    and every error in the rows themselves (raised by `read_split`), still fails.
+    """
     root = Path(dataset_dir)
+    not_prepared = (f"{root} is not a prepared dataset folder; run `radscribe prepare {root} --out DATASET` "
+                    "and pass DATASET")
+    if root.is_file():
+        raise RadscribeError(not_prepared)
     if not root.is_dir():
         raise RadscribeError(f"dataset folder {root} does not exist (run `radscribe prepare` first)")
     for name in (f"{split}.json", f"{split}.jsonl"):
@@ -52,6 +60,10 @@ def split_file(dataset_dir: str | Path, split: str) -> Path:
         for key, entry in entries.items():
             if key.endswith(split) and "file_name" in entry and (root / entry["file_name"]).is_file():
                 return root / entry["file_name"]
+    if not any(root.glob("*.json")) and not any(root.glob("*.jsonl")):
+        raise RadscribeError(not_prepared + " (it holds no train.json, train.jsonl or dataset_info.json)")
+    if missing_ok:
+        return None
     raise RadscribeError(f"{root}: no {split}.json, {split}.jsonl or dataset_info.json entry for split {split!r}")
 
 

@@ -34,8 +34,10 @@ class AuditConfig:
     """The prepared dataset folder."""
     near_threshold: int = 4
     """Largest pHash Hamming distance (of 64 bits) that counts as a near duplicate."""
+    strict: bool = False
+    """Fail (exit 2) when the share of validation rows flagged by exact/near/group exceeds `max_rate`."""
     max_rate: float = 0.0
-    """With --strict: the largest tolerated share of validation rows flagged by exact/near/group."""
+    """With `strict`: the largest tolerated share of validation rows flagged by exact/near/group (0-1)."""
     examples: int = 5
     """How many example pairs to keep per check."""
 

@@ -28,7 +28,7 @@ from radscribe.errors import RadscribeError
 from radscribe.evaluate import stats
 from radscribe.evaluate.metrics import read_predictions
 from radscribe.evaluate.predict import load_per_sample, statistics_for
-from radscribe.train import read_log
+from radscribe.runlog import read_log
 
 HEADLINE = ("bleu-4", "rouge-l", "location_f1", "finding_f1", "hallucination_rate", "truth_location_accuracy",
             "truth_finding_accuracy", "truth_all_accuracy")

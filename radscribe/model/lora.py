@@ -106,6 +106,20 @@ def build_lora_config(model, rank: int = 8, alpha: int = 16, dropout: float = 0.
     )
 
 
+def apply_lora(model, section):
+    """Wrap `model` in a PEFT LoRA model per a `TrainConfig.lora` section, or leave every weight trainable
+    (`enabled: false`, full fine-tuning)."""
+    if not section.enabled:
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    target = "all" if section.target == ["all"] else section.target
+    return get_peft_model(model, build_lora_config(
+        model, rank=section.rank, alpha=section.alpha, dropout=section.dropout, target=target,
+        vision=section.vision_tower, merger=section.merger, experts=section.experts))
+
+
 def _short(names) -> list[str]:
     # "model.language_model.layers.3.self_attn.q_proj" -> "self_attn.q_proj": the part that is the same per layer
     out = set()

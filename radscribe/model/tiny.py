@@ -92,17 +92,13 @@ def builtin_corpus(n: int = 2000) -> list[str]:
 
 def dataset_corpus(dataset_dir: str | Path) -> list[str]:
     """Every prompt and report text of a prepared dataset folder (train and, when present, val)."""
-    from radscribe.data.dataset import read_split
+    from radscribe.data.dataset import read_split, split_file
 
     texts: list[str] = []
     for split in ("train", "val"):
-        try:
-            samples = list(read_split(dataset_dir, split))
-        except RadscribeError:
-            if split == "train":
-                raise
+        if split_file(dataset_dir, split, missing_ok=split == "val") is None:
             continue
-        for sample in samples:
+        for sample in read_split(dataset_dir, split):
             texts.extend(m["content"] for m in sample.messages)
     return texts
 

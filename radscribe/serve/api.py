@@ -26,20 +26,33 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves route annotations by name
 
 from radscribe.errors import RadscribeError
 from radscribe.serve.safety import ImagePolicy, RequestRejected, check_pixels, image_bytes
+from radscribe.serve.vllm import VllmOptions
 
 WEB_DIR = Path(__file__).parent / "web"
 
 
 @dataclass
 class ServeConfig:
-    """How `radscribe serve` listens, what it accepts and how it batches."""
+    """What `radscribe serve` loads, how it listens, what it accepts and how it batches."""
 
+    model: str = ""
+    """Base model folder, or a `radscribe export` folder (the vllm backend needs one)."""
+    adapter: str | None = None
+    """A `radscribe train` run folder or a PEFT adapter folder (hf backend only)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: transformers + our batching (CPU or GPU); vllm: vLLM's server on a merged export (GPU)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Model dtype (hf backend); auto keeps the checkpoint's."""
+    quantization: Literal["4bit"] | None = None
+    """`4bit` loads the hf backend in bitsandbytes nf4."""
+    device: str | None = None
+    """cpu, cuda, cuda:1 (default: cuda when available)."""
     host: str = "127.0.0.1"
     """Address to bind. Loopback by default; anything else exposes the model to the network."""
     port: int = 8000
@@ -62,6 +75,8 @@ class ServeConfig:
     """Most non-streaming requests generated together; 1 turns batching off."""
     batch_wait_ms: float = 5.0
     """How long the batcher waits for more requests after the first one of a group arrives."""
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    """vLLM settings (vllm backend)."""
 
 
 class Batcher:
