@@ -148,7 +148,7 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
 
     dtype: "auto" keeps the checkpoint's dtype (bf16 for released models, fp32 for tiny ones).
     quantization: None or "4bit" (bitsandbytes nf4; CPU and GPU). device: "cpu", "cuda", "cuda:1"…; None =
-    cuda when available, else cpu. trainable: False returns the model in eval mode with gradients off;
+    this process's GPU when CUDA is available (cuda:LOCAL_RANK under torchrun, radscribe.dist), else cpu. trainable: False returns the model in eval mode with gradients off;
     True returns it in train mode, prepared for k-bit training when quantised, with an adapter left trainable.
     """
     import torch
@@ -158,7 +158,9 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     adapter_dir = resolve_adapter(adapter) if adapter is not None else None
     torch_dtype = _torch_dtype(dtype)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from radscribe import dist
+
+        device = dist.device()  # this process's GPU (cuda:LOCAL_RANK) when there is one, else cpu
     compute_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
     if quantization and compute_dtype is None:
         compute_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
