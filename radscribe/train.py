@@ -201,7 +201,11 @@ def set_up(cfg: TrainConfig) -> Run:
     run.launcher_env = dist.init_process_group(deepspeed=bool(cfg.train.deepspeed))
     run.dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
-        _start_run_folder(cfg, run)
+        save_config(cfg, run.dir / "config.yaml")
+        if run.last_checkpoint and cfg.output.resume:  # the steps logged after the checkpoint are redone
+            truncate_log(run.dir, checkpoint_step(run.last_checkpoint))
+        else:
+            (run.dir / "log.jsonl").unlink(missing_ok=True)
     # TrainingArguments before the model load: under ZeRO-3 they make from_pretrained load partitioned
     run.args = _training_arguments(cfg, run.dir / "checkpoints", has_val=bool(val_rows))
     run.model, run.processor = _build_model(cfg)
@@ -263,33 +267,19 @@ def _finished(cfg: TrainConfig, run: Path) -> bool:
     return True
 
 
-def _start_run_folder(cfg: TrainConfig, run: Run) -> None:
-    save_config(cfg, run.dir / "config.yaml")
-    if not cfg.output.resume or run.last_checkpoint is None:
-        (run.dir / "log.jsonl").unlink(missing_ok=True)
-    else:  # drop what the interrupted process logged after its last checkpoint: those steps are redone
-        truncate_log(run.dir, checkpoint_step(run.last_checkpoint))
-
-
 def _build_model(cfg: TrainConfig):
     from transformers import set_seed
 
     from radscribe.model.load import load_model
-
-    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrapping time, before the Trainer seeds anything
-    model, processor = load_model(cfg.model.path, dtype=_load_dtype(cfg), quantization=cfg.model.quantization,
-                                  device="cpu" if cfg.model.quantization is None else None, trainable=True)
     from radscribe.model.lora import apply_lora
 
-    return apply_lora(model, cfg.lora), processor
-
-
-def _load_dtype(cfg: TrainConfig) -> str:
     # LoRA: a bf16 base with fp32 adapters (PEFT upcasts them); full fine-tuning keeps fp32 master weights and
     # lets autocast do bf16 math, so small updates are not lost to bf16 rounding.
-    if cfg.train.precision == "bf16" and cfg.lora.enabled:
-        return "bf16"
-    return "fp32"
+    dtype = "bf16" if cfg.train.precision == "bf16" and cfg.lora.enabled else "fp32"
+    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrapping time, before the Trainer seeds anything
+    model, processor = load_model(cfg.model.path, dtype=dtype, quantization=cfg.model.quantization,
+                                  device="cpu" if cfg.model.quantization is None else None, trainable=True)
+    return apply_lora(model, cfg.lora), processor
 
 
 def _say_what_trains(cfg: TrainConfig, d: dict) -> None:
