@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
+import transformers
 from peft import get_peft_model
-from PIL import Image
+from scratch_venv import ScratchVenv
 
 from radscribe.errors import RadscribeError
 from radscribe.model import load as loader
 from radscribe.model import lora
 from radscribe.model.load import load_model, load_processor, resolve_adapter
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    # the session's seed-0 tiny models (tests/conftest.py), shared with other test files; read-only here
-    return {arch: tiny_model_dir(arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +37,31 @@ def run_dir(models, tmp_path_factory):
     return run
 
 
-def _inputs(processor, size=128):
-    image = Image.new("RGB", (size, size), (200, 80, 10))
+def _inputs(processor, kind="flat"):
+    # Also run as it is in the torchvision venv (test_autoprocessor_...): keep its imports inside.
+    from PIL import Image
+
+    from radscribe.data.synth import render, sample_truth
+
+    if kind == "flat":
+        image = Image.new("RGB", (128, 128), (200, 80, 10))
+    else:  # a phantom that fits both patch grids (Qwen3-VL: 32 px, Qwen2.5-VL: 28 px), or one that must be resized
+        image = Image.fromarray(render(sample_truth(0, 3), 0, 3, 224 if kind == "phantom" else 160))
+        image = image if kind == "phantom" else image.resize((150, 110), Image.BICUBIC)
     chat = [{"role": "user", "content": [{"type": "image", "image": image},
                                          {"type": "text", "text": "图片中的诊断结果是怎样?"}]}]
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     return processor(text=[text], images=[image], return_tensors="pt")
 
 
+@pytest.fixture
+def no_torchvision(monkeypatch):
+    """The CPU-torch condition (torchvision absent or unimportable), forced, so GPU machines test this path too."""
+    monkeypatch.setattr(loader, "_torchvision_available", lambda: False)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"])
-def test_processor_loads_without_torchvision_and_round_trips(models, arch, tmp_path):
-    assert importlib.util.find_spec("torchvision") is None  # this machine's condition (FIELD_NOTES)
+def test_processor_without_torchvision_loads_and_round_trips(models, arch, tmp_path, no_torchvision):
     processor = load_processor(models[arch])
     assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(arch, "Qwen3VLProcessor")
     assert getattr(processor, "video_processor", None) is None
@@ -65,6 +76,60 @@ def test_processor_loads_without_torchvision_and_round_trips(models, arch, tmp_p
     a, b, c = _inputs(processor), _inputs(again), _inputs(unpickled)
     assert a.keys() == b.keys() and "mm_token_type_ids" in a
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+GREY_LEVEL = 2 / 255
+"""One 8-bit grey level in pixel_values (Qwen's mean/std 0.5 map 0..255 to -1..1)."""
+# torch and torchvision wheels that import together, and this venv's transformers
+TORCHVISION_VENV = ["torch==2.14.1", "torchvision==0.29.1", f"transformers=={transformers.__version__}", "pillow"]
+
+AUTOPROCESSOR_RUN = """
+import json, sys
+import numpy as np
+from radscribe.model import load
+
+out, folders = sys.argv[1], dict(zip(sys.argv[2::2], sys.argv[3::2]))
+result = {"torchvision": load._torchvision_available()}
+for arch, folder in folders.items():
+    processor = load.load_processor(folder)
+    for kind in ("phantom", "resized"):
+        np.savez(f"{out}/{arch}-{kind}.npz", **{k: v.numpy() for k, v in _inputs(processor, kind).items()})
+    result[arch] = {"processor": type(processor).__module__ + "." + type(processor).__name__,
+                    "video_processor": type(getattr(processor, "video_processor", None)).__name__,
+                    "image_processor": type(processor.image_processor).__name__}
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first build of the venv (cached afterwards) installs ~5.5 GB of wheels
+def test_autoprocessor_with_torchvision_matches_the_path_without_it(models, tmp_path, request):
+    # Where torchvision imports (GPU machines: what real users have), load_processor takes AutoProcessor with its
+    # video processor. Run that path for real in a venv that has torchvision, on the same folders, and compare.
+    venv = ScratchVenv(TORCHVISION_VENV).ensure()
+    if venv.build_seconds is not None:
+        print(f"built the torchvision venv {venv.path} in {venv.build_seconds:.0f} s")
+    args = [a for arch, folder in models.items() for a in (arch, str(folder))]
+    result = venv.run(inspect.getsource(_inputs) + AUTOPROCESSOR_RUN, str(tmp_path), *args)
+    assert result["torchvision"] is True
+    request.getfixturevalue("no_torchvision")  # here: the path without torchvision, whatever this machine has
+    for arch, folder in models.items():
+        upstream = {"qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(arch, "Qwen3VLProcessor")
+        assert result[arch]["processor"].startswith("transformers.models.")  # AutoProcessor's own class
+        assert result[arch]["processor"].endswith("." + upstream)
+        assert result[arch]["video_processor"].endswith("VideoProcessor")
+        processor = load_processor(folder)
+        for kind in ("phantom", "resized"):
+            ours, theirs = _inputs(processor, kind), np.load(tmp_path / f"{arch}-{kind}.npz")
+            assert set(ours) == set(theirs.files), (arch, kind)
+            for key in ours:
+                if key != "pixel_values":  # the same tokens, image grid and token types
+                    np.testing.assert_array_equal(ours[key].numpy(), theirs[key], err_msg=f"{arch} {kind} {key}")
+            # Without a resize both image processors agree to float rounding. Resizing, PIL's and torchvision's
+            # bicubic kernels differ (a = -0.5 vs -0.75) and each rounds to 8 bits: within 2 grey levels.
+            tolerance = 1e-5 if kind == "phantom" else 2 * GREY_LEVEL
+            np.testing.assert_allclose(ours["pixel_values"].numpy(), theirs["pixel_values"], rtol=0, atol=tolerance,
+                                       err_msg=f"{arch} {kind}")
 
 
 def test_processor_loads_a_released_style_folder(models, tmp_path):
@@ -85,12 +150,14 @@ def test_processor_loads_a_released_style_folder(models, tmp_path):
 def test_load_model_modes_and_dtypes(models):
     model, processor = load_model(models["qwen3_vl"], device="cpu")
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert next(model.parameters()).dtype == torch.float32  # "auto" keeps the tiny checkpoint's fp32
     assert processor.tokenizer.pad_token == "<|endoftext|>"
     trainable, _ = load_model(models["qwen3_vl"], device="cpu", trainable=True)
     assert trainable.training and all(p.requires_grad for p in trainable.parameters())  # full fine-tuning
-    bf16, _ = load_model(models["qwen3_vl"], dtype="bf16", device="cpu")
-    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    # every dtype the CLI offers loads as that dtype; "auto" keeps the tiny checkpoint's fp32
+    expected = {"auto": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for dtype in loader.DTYPES:
+        loaded, _ = load_model(models["qwen3_vl"], dtype=dtype, device="cpu")
+        assert {p.dtype for p in loaded.parameters()} == {expected[dtype]}, dtype
     with pytest.raises(RadscribeError, match="dtype 'half'"):
         load_model(models["qwen3_vl"], dtype="half")
 
@@ -142,4 +209,3 @@ def test_user_mistakes_are_one_line_errors(models, run_dir, tmp_path, monkeypatc
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(RadscribeError, match=r"pip install 'radscribe\[qlora\]'"):
         load_model(models["qwen3_vl"], quantization="4bit")
-    assert loader.DTYPES == ("auto", "bf16", "fp16", "fp32")

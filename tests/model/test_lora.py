@@ -14,12 +14,6 @@ from radscribe.model.load import load_model
 LM = "model.language_model."
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    # the session's seed-0 tiny models (tests/conftest.py), shared with other test files; read-only here
-    return {arch: tiny_model_dir(arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
-
-
 def _batch(processor, report="这是一张肺CT图像。右下区域可见一小病灶。"):
     image = Image.new("RGB", (96, 96), (30, 160, 90))
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "描述"}]},

@@ -17,12 +17,6 @@ from radscribe.model.load import load_model
 from radscribe.model.tiny import SPECIAL_TOKENS, build_tiny_model
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    # the session's seed-0 tiny models (tests/conftest.py), shared with other test files; read-only here
-    return {arch: tiny_model_dir(arch) for arch in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")}
-
-
 def _chat(image, report="这是一张脑部CT图像。"):
     return [{"role": "user", "content": [{"type": "image", "image": image},
                                          {"type": "text", "text": "图片中的诊断结果是怎样?"}]},
