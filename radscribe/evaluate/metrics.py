@@ -3,8 +3,8 @@
 Per sample: ROUGE F-scores from `rouge_chinese` on jieba-segmented words joined by spaces (all three are 0 when
 either side has no word after segmentation); BLEU-4 from NLTK `sentence_bleu` on *characters* with
 `SmoothingFunction().method3`. Each is ×100 and rounded to 4 decimals, then the dataset score is the plain mean.
-We call the same libraries rather than reimplementing them, so parity holds by construction and is checked by
-tests/evaluate/test_metrics.py against a reference computed there.
+We call the same libraries rather than reimplementing them; tests/evaluate/test_metrics.py checks the values
+against ones computed by LLaMA-Factory's own `ComputeSimilarity` (Chinese, English, empty, punctuation-only pairs).
 
 Run as: radscribe score generated_predictions.jsonl   (any LLaMA-Factory / vLLM prediction file)
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -61,15 +60,13 @@ def _score_chunk(pairs: list[tuple[str, str]]) -> list[dict[str, float]]:
     return [score_pair(p, l) for p, l in pairs]
 
 
-def score_pairs(predicts: list[str], labels: list[str], workers: int = 1, progress: bool = False) -> list[dict]:
+def score_pairs(predicts: list[str], labels: list[str], workers: int = 1) -> list[dict]:
     """Per-sample scores for aligned predictions and references; `workers` > 1 splits the list over processes."""
     if len(predicts) != len(labels):
         raise RadscribeError(f"{len(predicts)} predictions but {len(labels)} references")
     pairs = list(zip(predicts, labels))
     if workers <= 1 or len(pairs) < 64:
-        from tqdm import tqdm
-
-        return [score_pair(p, l) for p, l in tqdm(pairs, desc="scoring", unit="pair", disable=not progress)]
+        return [score_pair(p, l) for p, l in pairs]
     size = -(-len(pairs) // workers)
     chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
     with ProcessPoolExecutor(workers) as pool:
@@ -104,13 +101,3 @@ def read_predictions(path: str | Path) -> list[dict]:
     if not rows:
         raise RadscribeError(f"{path}: no predictions")
     return rows
-
-
-def score_file(path: str | Path, workers: int = 1) -> tuple[dict[str, float], list[dict]]:
-    """Score an existing prediction file -> (LLaMA-Factory aggregate keys + scoring time, per-sample scores)."""
-    rows = read_predictions(path)
-    start = time.perf_counter()
-    per_sample = score_pairs([r["predict"] for r in rows], [r["label"] for r in rows], workers, progress=True)
-    result = aggregate(per_sample)
-    result["score_runtime"] = round(time.perf_counter() - start, 4)
-    return result, per_sample
