@@ -50,7 +50,8 @@ def bench_generation(args, work: Path) -> list[tuple]:
     rows, reference = [], None
     for batch in args.batches:
         cfg = EvalConfig(model=str(model_dir), data=str(work / "ds"), limit=args.samples, batch_size=batch,
-                         max_new_tokens=args.max_new_tokens, out=str(work / f"b{batch}"), n_boot=100)
+                         max_new_tokens=args.max_new_tokens, out=str(work / f"b{batch}"), n_boot=100,
+                         overwrite=True)  # a rerun must measure, not reuse the saved results
         scores = evaluate(cfg, engine=engine)
         predictions = [json.loads(l)["predict"] for l in
                        (work / f"b{batch}" / "val" / "generated_predictions.jsonl").read_text().splitlines()]

@@ -237,7 +237,8 @@ def cmd_eval(p) -> None:
 
     s = Stage(p, EvalConfig, example="radscribe eval --model M --adapter runs/r --data data/dataset --limit 16")
     for option in ("--model", "--adapter", "--data", "--split", "--batch-size", "--max-new-tokens", "--limit",
-                   "--ablate", "--out", "--temperature", "--top-p", "--seed", "--n-boot", "--workers"):
+                   "--ablate", "--out", "--temperature", "--top-p", "--seed", "--n-boot", "--workers",
+                   "--overwrite"):
         s.flag(option)
     s.flag("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
 

@@ -14,8 +14,9 @@ Stages (each cached in OUT/; a rerun reuses finished stages whose settings did n
   6. report   HTML + Markdown report; the before/after table is printed
 
 Why the base stage mixes in text-only report sentences: a LoRA cannot lift the logits of output rows that never
-trained, so the "general" model must have seen the report vocabulary (../shared/FIELD_NOTES.md). Those rows carry
-no image, so they teach no image-to-finding mapping. Why the LoRA also covers the vision tower: the lesion's
+trained, so the "general" model must have seen the report vocabulary (without these rows the position accuracy
+stayed at chance, even with lm_head trainable). Those rows carry no image, so they teach no image-to-finding
+mapping. Why the LoRA also covers the vision tower: the lesion's
 position reaches the language model only through the tower's features, and a tower trained on modality/organ alone
 encodes lesions weakly.
 """
@@ -29,11 +30,13 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from math import inf
 from pathlib import Path
 from typing import Literal
 
 from radscribe.config import load_config, save_config
 from radscribe.errors import RadscribeError
+from radscribe.evaluate.stats import finite, fmt_ci
 
 
 @dataclass
@@ -195,9 +198,10 @@ def _train(model: Path, dataset: Path, run: Path, overrides: list[str]) -> Path:
 def _eval_stage(cfg: DemoConfig, out: Path, model: Path, dataset: Path, adapter: Path | None, run: Path) -> dict:
     from radscribe.evaluate.predict import EvalConfig, evaluate
 
+    # overwrite: the stage cache owns this folder and reruns the stage exactly when its settings changed
     return evaluate(EvalConfig(model=str(model), data=str(dataset), adapter=str(adapter) if adapter else None,
                                out=str(run / "eval"), batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens,
-                               limit=cfg.eval_limit, dtype="fp32"))
+                               limit=cfg.eval_limit, dtype="fp32", overwrite=True))
 
 
 def write_general_dataset(dataset: Path, out: Path, lang: str) -> Path:
@@ -243,30 +247,21 @@ def improved(base: dict, tuned: dict) -> bool:
     ok = True
     for key in ("rouge-l", "finding_f1"):
         b, t = base["metrics"].get(key), tuned["metrics"].get(key)
-        ok = ok and b is not None and t is not None and _finite(t["low"]) > _finite(b["high"])
+        ok = ok and b is not None and t is not None and finite(t["low"], -inf) > finite(b["high"], -inf)
     return ok
-
-
-def _finite(x) -> float:
-    return float("-inf") if x is None or x != x else float(x)
 
 
 def before_after(base: dict, tuned: dict) -> str:
     lines = [f"\n{'score':<22} {'base':>22} {'fine-tuned':>22}"]
     for key in HEADLINE:
         if key in base["metrics"] or key in tuned["metrics"]:
-            lines.append(f"{key:<22} {_fmt(base['metrics'].get(key)):>22} {_fmt(tuned['metrics'].get(key)):>22}")
+            lines.append(f"{key:<22} {fmt_ci(base['metrics'].get(key), '.1f'):>22} "
+                         f"{fmt_ci(tuned['metrics'].get(key), '.1f'):>22}")
     lines.append(f"{'samples/s':<22} {base['predict_results']['predict_samples_per_second']:>22} "
                  f"{tuned['predict_results']['predict_samples_per_second']:>22}")
     verdict = "yes" if improved(base, tuned) else "NO"
     lines.append(f"fine-tuned beats base on ROUGE-L and finding F1 with non-overlapping 95 % CIs: {verdict}")
     return "\n".join(lines)
-
-
-def _fmt(m: dict | None) -> str:
-    if not m or m.get("value") is None or m["value"] != m["value"]:
-        return "n/a"
-    return f"{m['value']:.1f} [{m['low']:.1f}, {m['high']:.1f}]"
 
 
 # --- stage cache -------------------------------------------------------------------------------------------------

@@ -16,11 +16,18 @@ Where outputs live: `DIR/<split>[-<ablation>]/`, with DIR = `--out`, or `RUN/eva
   ablation.json                (ablation runs) each score on real vs ablated images, the drop and its paired CI
 While generating, finished batches go to generated_predictions.partial.jsonl: rerunning an interrupted eval with the
 same settings resumes there.
+
+Rerunning a finished eval: scores.json records the settings it was made with (model, adapter, data, split, limit,
+generation settings, and a fingerprint of the model, adapter and split files). With the same settings the saved
+results are reused (and said so); with other settings the eval refuses to replace them and names what differs.
+`--overwrite` redoes the eval in either case (another `--out` keeps both). An ablation treats the real-image eval it
+is compared with by the same rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -66,6 +73,8 @@ class EvalConfig:
     """Bootstrap resamples for the confidence intervals."""
     workers: int = 1
     """Processes for BLEU/ROUGE scoring."""
+    overwrite: bool = False
+    """Redo the eval even when the output folder holds results (else same settings reuse them, others refuse)."""
 
 
 def output_dir(cfg: EvalConfig) -> Path:
@@ -73,9 +82,7 @@ def output_dir(cfg: EvalConfig) -> Path:
     if cfg.out:
         root = Path(cfg.out)
     elif cfg.adapter:
-        from radscribe.model.load import resolve_adapter
-
-        adapter = resolve_adapter(cfg.adapter)
+        adapter = _resolved_adapter(cfg.adapter)
         root = (adapter.parent if adapter.name == "adapter" else adapter) / "eval"
     else:
         raise RadscribeError("evaluating a base model (no --adapter) needs --out DIR for the results")
@@ -92,6 +99,18 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
         samples = samples[:cfg.limit]
     if not samples:
         raise RadscribeError(f"{cfg.data}: split {cfg.split!r} has no samples")
+    settings = _settings(cfg)
+    saved = _saved_results(out, settings, [s.id for s in samples], cfg.overwrite)
+    if saved is not None:
+        print(f"{out}: already evaluated with these settings, reusing it (--overwrite redoes it)")
+        print(format_scores(saved, title=f"{out}"))
+        return saved
+    if cfg.ablate:  # before the model loads: a real-image eval made with other settings is refused now, not later
+        real_cfg = dataclasses.replace(cfg, ablate=None)
+        try:
+            _saved_results(output_dir(real_cfg), _settings(real_cfg), [s.id for s in samples], cfg.overwrite)
+        except RadscribeError as err:
+            raise RadscribeError(f"the ablation is compared with real images under the same settings: {err}") from None
     if engine is None:
         from radscribe.serve.engine import Engine
 
@@ -99,12 +118,11 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
 
     real = None
     if cfg.ablate:
-        # The drop is measured against real images on the same samples: reuse that eval when it exists.
+        # The drop is measured against real images on the same samples and settings: that eval is reused when it
+        # was made with the same settings, made now when missing, and refused when it differs (unless --overwrite).
         real_cfg = dataclasses.replace(cfg, ablate=None)
-        real = _load_columns(output_dir(real_cfg), [s.id for s in samples])
-        if real is None:
-            evaluate(real_cfg, engine)
-            real = _load_columns(output_dir(real_cfg), [s.id for s in samples])
+        evaluate(real_cfg, engine)
+        real = load_per_sample(output_dir(real_cfg))[1]
 
     rows, runtime, steps = _predict(cfg, engine, samples, out)
     result = score_rows(rows, cfg.n_boot, cfg.seed, cfg.workers)
@@ -112,21 +130,56 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
                        "predict_samples_per_second": round(len(rows) / runtime, 3),
                        "predict_steps_per_second": round(steps / runtime, 3)}
     scores = {"n": len(rows), "split": cfg.split, "ablate": cfg.ablate, "predict_results": predict_results,
-              "metrics": result["metrics"], "config": dataclasses.asdict(cfg)}
+              "metrics": result["metrics"], "settings": settings, "config": dataclasses.asdict(cfg)}
 
     if real is not None:
         scores["ablation"] = ablation_drop(real, result["columns"], cfg.n_boot, cfg.seed)
 
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("scores.json", "ablation.json"):  # replaced results (--overwrite) are gone before new ones land
+        (out / stale).unlink(missing_ok=True)
     _write_jsonl(out / "generated_predictions.jsonl", rows)
     _write_json(out / "predict_results.json", predict_results)
-    _write_json(out / "scores.json", scores)
     _write_jsonl(out / "per_sample.jsonl", _per_sample_rows(rows, result["columns"]))
     if real is not None:
         _write_json(out / "ablation.json", scores["ablation"])
+    _write_json(out / "scores.json", scores)  # last: its presence marks the folder's results complete
     (out / "generated_predictions.partial.jsonl").unlink(missing_ok=True)
     print(format_scores(scores, title=f"{out}"))
     return scores
+
+
+def _saved_results(out: Path, settings: dict, ids: list[str], overwrite: bool) -> dict | None:
+    """The scores saved in `out` when they were made with `settings` on `ids`; None when there are none to keep.
+
+    Results made with other settings raise, naming what differs; `overwrite` discards any saved results.
+    """
+    path = out / "scores.json"
+    if overwrite or not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    loaded = load_per_sample(out)
+    differs = _differences(saved.get("settings"), settings)
+    if loaded is None or loaded[0] != ids:
+        differs.append("the evaluated samples")
+    if not differs:
+        return saved
+    raise RadscribeError(f"{out} already holds an eval of {saved.get('n', '?')} samples made with other settings "
+                         f"({'; '.join(differs)}); pass --overwrite to replace it, or --out DIR to keep both")
+
+
+def _differences(old: dict | None, new: dict) -> list[str]:
+    if not isinstance(old, dict):
+        return ["no settings recorded (written by an older radscribe)"]
+    out = []
+    for key, value in new.items():
+        if old.get(key) == value:
+            continue
+        if key.endswith("_files"):
+            out.append(f"the {key[:-len('_files')]} files changed")
+        else:
+            out.append(f"{key} {old.get(key)!r} -> {value!r}")
+    return out
 
 
 def _predict(cfg: EvalConfig, engine, samples, out: Path) -> tuple[list[dict], float, int]:
@@ -179,10 +232,33 @@ def _predict(cfg: EvalConfig, engine, samples, out: Path) -> tuple[list[dict], f
 
 
 def _settings(cfg: EvalConfig) -> dict:
-    """What must not change for saved predictions to be reused."""
-    keep = ("model", "adapter", "data", "split", "limit", "ablate", "max_new_tokens", "temperature", "top_p",
-            "seed", "dtype")
-    return {k: getattr(cfg, k) for k in keep}
+    """What must not change for saved predictions to be reused: the evaluated files and the generation settings.
+
+    Paths are resolved and each folder is fingerprinted (names, sizes and modification times of its files), so a
+    retrained adapter or a re-prepared split at the same path does not pass for the old one.
+    """
+    keep = ("split", "limit", "ablate", "max_new_tokens", "temperature", "top_p", "seed", "dtype")
+    adapter = _resolved_adapter(cfg.adapter)
+    return {"model": str(Path(cfg.model).resolve()), "adapter": str(adapter) if adapter else None,
+            "data": str(Path(cfg.data).resolve()), **{k: getattr(cfg, k) for k in keep},
+            "model_files": _fingerprint(Path(cfg.model)), "adapter_files": _fingerprint(adapter),
+            "data_files": _fingerprint(Path(cfg.data), f"{cfg.split}.json*")}
+
+
+def _resolved_adapter(adapter: str | None) -> Path | None:
+    if not adapter:
+        return None
+    from radscribe.model.load import resolve_adapter
+
+    return resolve_adapter(adapter).resolve()
+
+
+def _fingerprint(folder: Path | None, pattern: str = "*") -> str | None:
+    """A short hash of the names, sizes and modification times of the files `pattern` matches in `folder`."""
+    if folder is None or not folder.is_dir():
+        return None
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob(pattern) if p.is_file())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
 def _resume(partial: Path, cfg: EvalConfig, samples) -> tuple[list[dict], float, int]:
@@ -285,16 +361,13 @@ def format_scores(scores: dict, title: str = "") -> str:
     header = f"{'score':<28} {'value':>9}  {'95% CI':<19}"
     lines.append(header + ("  drop on ablated images (95% CI)" if ablation else ""))
     for name, m in scores["metrics"].items():
-        line = f"{name:<28} {_num(m['value']):>9}  [{_num(m['low'])}, {_num(m['high'])}]".ljust(len(header))
+        line = f"{name:<28} {stats.fmt(m['value']):>9}  [{stats.fmt(m['low'])}, {stats.fmt(m['high'])}]"
+        line = line.ljust(len(header))
         if name in ablation:
             d = ablation[name]
-            line += f"  {_num(d['drop'])} [{_num(d['low'])}, {_num(d['high'])}]"
+            line += f"  {stats.fmt(d['drop'])} [{stats.fmt(d['low'])}, {stats.fmt(d['high'])}]"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _num(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.2f}"
 
 
 # --- files -------------------------------------------------------------------------------------------------------
@@ -312,13 +385,6 @@ def load_per_sample(folder: str | Path) -> tuple[list[str], dict[str, np.ndarray
         return None
     keys = [k for k in rows[0] if k != "id"]
     return [str(r["id"]) for r in rows], {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
-
-
-def _load_columns(folder: Path, ids: list[str]) -> dict | None:
-    loaded = load_per_sample(folder)
-    if loaded is None or loaded[0] != ids:
-        return None
-    return loaded[1]
 
 
 def _write_json(path: Path, data) -> None:

@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,12 @@ def report(paths: list[str], out: str | None = None, n_samples: int = 6, n_boot:
     for name, png in figures.items():
         (out_dir / f"{name}.png").write_bytes(png)
     for i, s in enumerate(samples):
-        (out_dir / f"sample-{i}.png").write_bytes(s["png"])
+        if s["png"] is not None:
+            (out_dir / f"sample-{i}.png").write_bytes(s["png"])
+    missing = [s["missing"] for s in samples if s["missing"]]
+    if missing:
+        print(f"report: {len(missing)} sample image(s) no longer readable, shown without the image: "
+              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}", file=sys.stderr)
     html_path = out_dir / "report.html"
     html_path.write_text(_html(runs, figures, comparisons, samples), encoding="utf-8")
     (out_dir / "report.md").write_text(_markdown(runs, figures, comparisons, samples), encoding="utf-8")
@@ -126,15 +132,18 @@ def _comparisons(runs: list[RunInfo], n_boot: int, seed: int) -> list[dict]:
 
 
 def _samples(runs: list[RunInfo], n: int) -> list[dict]:
-    """The first `n` samples of the baseline's main eval, with every run's report for the same id."""
+    """The first `n` samples of the baseline's main eval, with every run's report for the same id.
+
+    A sample whose image cannot be read any more (moved or deleted since the eval) is shown without it, with the
+    path it had, so the page still holds the same samples and says which image is missing.
+    """
     main_eval = next((e for e in runs[0].evals if "-" not in e.name), runs[0].evals[0])
     out = []
     for row in main_eval.predictions[:n]:
         images = row.get("image") or []
         images = [images] if isinstance(images, str) else images
         png = _thumbnail(Path(images[0])) if images else None
-        if png is None:
-            continue
+        missing = images[0] if images and png is None else None
         predicted = []
         for run in runs:
             e = next((x for x in run.evals if x.name == main_eval.name), None)
@@ -142,7 +151,7 @@ def _samples(runs: list[RunInfo], n: int) -> list[dict]:
             if match is not None:
                 predicted.append((run.label, match["predict"]))
         out.append({"id": row.get("id"), "label": row["label"], "predicted": predicted, "png": png,
-                    "truth": row.get("truth")})
+                    "missing": missing, "truth": row.get("truth")})
     return out
 
 
@@ -152,7 +161,7 @@ def _thumbnail(path: Path) -> bytes | None:
     try:
         image = load_request_image(path)
     except (RadscribeError, OSError):
-        return None  # an image moved since the eval: the sample is shown without it rather than failing the page
+        return None  # moved or deleted since the eval: the caller shows the sample without it
     image.thumbnail((256, 256))
     if min(image.size) < 160:  # tiny phantoms: enlarge so they are visible on the page
         scale = 160 / min(image.size)
@@ -204,9 +213,9 @@ def _metrics_chart(runs: list[RunInfo]) -> bytes:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 3.8))
     width = 0.8 / max(1, len(entries))
     for k, (label, m) in enumerate(entries):
-        values = [_finite(m.get(n, {}).get("value")) for n in names]
-        low = [v - _finite(m.get(n, {}).get("low"), v) for n, v in zip(names, values)]
-        high = [_finite(m.get(n, {}).get("high"), v) - v for n, v in zip(names, values)]
+        values = [stats.finite(m.get(n, {}).get("value"), 0.0) for n in names]
+        low = [v - stats.finite(m.get(n, {}).get("low"), v) for n, v in zip(names, values)]
+        high = [stats.finite(m.get(n, {}).get("high"), v) - v for n, v in zip(names, values)]
         ax.bar(np.arange(len(names)) + k * width, values, width, yerr=[low, high], capsize=2, label=label)
     ax.set_xticks(np.arange(len(names)) + width * (len(entries) - 1) / 2)
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
@@ -217,31 +226,19 @@ def _metrics_chart(runs: list[RunInfo]) -> bytes:
     return _png(fig)
 
 
-def _finite(value, default: float = 0.0) -> float:
-    return default if value is None or not np.isfinite(value) else float(value)
-
-
 # --- writing -----------------------------------------------------------------------------------------------------
-def _fmt(value) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
-
-
-def _ci(m: dict) -> str:
-    return f"{_fmt(m.get('value'))} [{_fmt(m.get('low'))}, {_fmt(m.get('high'))}]"
-
-
 def _summary_rows(runs):
     entries = [(r.label, e) for r in runs for e in r.evals]
     names = [n for n in HEADLINE if any(n in e.scores["metrics"] for _, e in entries)]
-    rows = [[label, e.name, str(e.scores["n"])] + [_ci(e.scores["metrics"][n]) if n in e.scores["metrics"] else "–"
+    rows = [[label, e.name, str(e.scores["n"])] + [stats.fmt_ci(e.scores["metrics"][n]) if n in e.scores["metrics"] else "–"
                                                    for n in names] for label, e in entries]
     return ["run", "eval", "n", *names], rows
 
 
 def _comparison_rows(c: dict):
-    return [[name, _fmt(d["a"]), _fmt(d["b"]), f"{d['diff']:+.2f}" if np.isfinite(d["diff"]) else "n/a",
-             f"[{_fmt(d['low'])}, {_fmt(d['high'])}]",
-             "yes" if np.isfinite(d["low"]) and (d["low"] > 0 or d["high"] < 0) else "no"]
+    return [[name, stats.fmt(d["a"]), stats.fmt(d["b"]), stats.fmt(d["diff"], "+.2f"),
+             f"[{stats.fmt(d['low'])}, {stats.fmt(d['high'])}]",
+             "yes" if stats.finite(d["low"], 0) > 0 or stats.finite(d["high"], 0) < 0 else "no"]
             for name, d in c["diff"].items()]
 
 
@@ -250,7 +247,8 @@ COMPARISON_HEADER = ["score", "A", "B", "B − A", "95% CI", "CI excludes 0"]
 
 def _ablation_rows(e: EvalResult):
     ablation = json.loads((e.folder / "ablation.json").read_text(encoding="utf-8"))
-    return [[name, _fmt(d["real"]), _fmt(d["ablated"]), _fmt(d["drop"]), f"[{_fmt(d['low'])}, {_fmt(d['high'])}]"]
+    return [[name, stats.fmt(d["real"]), stats.fmt(d["ablated"]), stats.fmt(d["drop"]),
+             f"[{stats.fmt(d['low'])}, {stats.fmt(d['high'])}]"]
             for name, d in ablation.items()]
 
 
@@ -271,7 +269,8 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-widt
 table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;
 text-align:left}th{background:#f0f3f7}img.plot{max-width:100%;border:1px solid #ddd}
 .sample{display:flex;gap:16px;border-top:1px solid #ddd;padding:12px 0}.sample img{width:200px;height:auto;
-image-rendering:pixelated;border:1px solid #999}.texts{flex:1;display:grid;gap:6px}.ref{background:#eef7ee}
+image-rendering:pixelated;border:1px solid #999}.missing{width:200px;height:120px;border:1px dashed #999;
+color:#666;font-size:12px;padding:6px;overflow-wrap:anywhere}.texts{flex:1;display:grid;gap:6px}.ref{background:#eef7ee}
 .gen{background:#f7f3ea}.texts div{padding:6px;border-radius:4px;white-space:pre-wrap}pre{background:#f6f6f6;
 padding:8px;font-size:12px;overflow:auto}"""
 
@@ -295,9 +294,10 @@ def _html(runs, figures, comparisons, samples) -> str:
         texts = [f"<div class='ref'><b>reference</b>\n{html.escape(s['label'])}</div>"]
         texts += [f"<div class='gen'><b>{html.escape(label)}</b>\n{html.escape(text)}</div>"
                   for label, text in s["predicted"]]
-        h.append(f"<div class='sample'><figure><img alt='sample {html.escape(str(s['id']))}' "
-                 f"src='{_data_uri(s['png'])}'><figcaption>{html.escape(str(s['id']))}</figcaption></figure>"
-                 f"<div class='texts'>{''.join(texts)}</div></div>")
+        picture = (f"<img alt='sample {html.escape(str(s['id']))}' src='{_data_uri(s['png'])}'>" if s["png"] else
+                   f"<div class='missing'>{html.escape(_no_picture(s))}</div>")
+        h.append(f"<div class='sample'><figure>{picture}<figcaption>{html.escape(str(s['id']))}</figcaption>"
+                 f"</figure><div class='texts'>{''.join(texts)}</div></div>")
     if comparisons:
         h.append("<h2>Comparisons (paired bootstrap)</h2>")
         for c in comparisons:
@@ -315,7 +315,8 @@ def _html(runs, figures, comparisons, samples) -> str:
     for r in runs:
         for e in r.evals:
             h.append(f"<details><summary>{html.escape(r.label)} · {html.escape(e.name)}: all scores</summary>")
-            h.append(_html_table(["score", "value [95% CI]"], [[n, _ci(m)] for n, m in e.scores["metrics"].items()]))
+            h.append(_html_table(["score", "value [95% CI]"],
+                                 [[n, stats.fmt_ci(m)] for n, m in e.scores["metrics"].items()]))
             if e.scores.get("predict_results"):
                 h.append(f"<pre>{html.escape(json.dumps(e.scores['predict_results'], indent=1))}</pre>")
             if e.scores.get("config"):  # what was evaluated: model, adapter, split, generation settings
@@ -326,6 +327,10 @@ def _html(runs, figures, comparisons, samples) -> str:
                      f"<pre>{html.escape(r.config)}</pre></details>")
     h.append(SELF_CHECK + "</body></html>")
     return "\n".join(h)
+
+
+def _no_picture(sample: dict) -> str:
+    return f"image not found: {sample['missing']}" if sample["missing"] else "no image (text-only sample)"
 
 
 def _md_table(header, rows) -> str:
@@ -353,7 +358,8 @@ def _markdown(runs, figures, comparisons, samples) -> str:
         md += ["## Loss curves", "", "![loss](loss.png)", ""]
     md += ["## Samples", ""]
     for i, s in enumerate(samples):
-        md += [f"### {s['id']}", "", f"![{s['id']}](sample-{i}.png)", "", f"- **reference**: {s['label']}"]
+        picture = f"![{s['id']}](sample-{i}.png)" if s["png"] else f"*({_no_picture(s)})*"
+        md += [f"### {s['id']}", "", picture, "", f"- **reference**: {s['label']}"]
         md += [f"- **{label}**: {text}" for label, text in s["predicted"]]
         md.append("")
     for r in runs:

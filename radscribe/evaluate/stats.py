@@ -1,5 +1,8 @@
 """Bootstrap 95 % confidence intervals for every score, and paired comparisons of two runs.
 
+A score can be undefined (a ratio whose denominator is 0): it is NaN in memory and null in JSON. `finite`, `fmt`
+and `fmt_ci` are the one place that turns such a value into a number or "n/a" for tables and charts.
+
 A statistic is `(columns, fn)`: `fn` maps the sums of the named per-sample columns to a value, so both plain means
 (BLEU: sum / n) and ratios of sums (micro F1) are resampled correctly. Resampling draws one seeded matrix of
 multinomial sample weights and reuses it for every statistic, and for both runs of a paired comparison (the same
@@ -85,3 +88,24 @@ def paired(cols_a: dict[str, np.ndarray], cols_b: dict[str, np.ndarray], statist
         out[name] = {"a": float(a[name]), "b": float(b[name]), "diff": float(b[name] - a[name]),
                      "low": low, "high": high}
     return out
+
+
+def finite(value, default: float = math.nan) -> float:
+    """`value` as a float, or `default` when it is undefined: None (NaN read back from JSON), NaN or infinite."""
+    if value is None:
+        return default
+    value = float(value)
+    return value if math.isfinite(value) else default
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    """A score for a table, `n/a` when undefined."""
+    value = finite(value)
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def fmt_ci(score: dict | None, spec: str = ".2f") -> str:
+    """`value [low, high]` of a {"value", "low", "high"} score; `n/a` when the value is undefined."""
+    if not score or math.isnan(finite(score.get("value"))):
+        return "n/a"
+    return f"{fmt(score['value'], spec)} [{fmt(score.get('low'), spec)}, {fmt(score.get('high'), spec)}]"

@@ -44,13 +44,29 @@ def check_model_dir(model_dir: str | Path) -> Path:
 def resolve_adapter(run_or_adapter_dir: str | Path) -> Path:
     """A run folder (RUN) or its adapter folder (RUN/adapter) -> the folder holding adapter_config.json."""
     path = Path(run_or_adapter_dir).expanduser()
-    if not path.exists():
-        raise RadscribeError(f"adapter {path} does not exist (pass a run folder or its adapter/ folder)")
     for candidate in (path, path / "adapter"):
         if (candidate / "adapter_config.json").is_file():
             return candidate
+    _check_unfinished_run(path.parent if path.name == "adapter" else path)
+    if not path.exists():
+        raise RadscribeError(f"adapter {path} does not exist (pass a run folder or its adapter/ folder)")
     raise RadscribeError(f"{path} holds no adapter_config.json (nor does {path / 'adapter'}); "
                          "pass a `radscribe train` run folder or a PEFT adapter folder")
+
+
+def _check_unfinished_run(run: Path) -> None:
+    """A run folder whose training stopped before writing adapter/: say so, name its checkpoints and the fix."""
+    steps = sorted(int(p.name.split("-")[-1]) for p in (run / "checkpoints").glob("checkpoint-*")
+                   if p.name.split("-")[-1].isdigit())
+    if not steps:
+        return
+    last = run / "checkpoints" / f"checkpoint-{steps[-1]}"
+    use_last = (f", or pass --adapter {last} to use its last checkpoint as it is"
+                if (last / "adapter_config.json").is_file() else "")
+    resume = (f"radscribe train --config {run / 'config.yaml'} --resume" if (run / "config.yaml").is_file()
+              else "the same `radscribe train` command with --resume")
+    raise RadscribeError(f"{run} has no adapter/: its training did not finish (checkpoints: "
+                         f"{', '.join(f'checkpoint-{n}' for n in steps)}); continue it with `{resume}`{use_last}")
 
 
 def processor_class_without_video(processor_class):

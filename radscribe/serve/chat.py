@@ -36,6 +36,8 @@ def open_image(path: str, window: str | None = None):
     """The image file as the model will see it (RGB), through `radscribe.data.imaging.load_image`."""
     from radscribe.data.imaging import load_image
 
+    if Path(path).is_dir():
+        raise RadscribeError(f"--image {path} is a folder; pass one image file (PNG/JPEG/WebP, DICOM or NIfTI)")
     if not Path(path).is_file():
         raise RadscribeError(f"--image {path} does not exist")
     return load_image(path, window=window)

@@ -8,7 +8,7 @@ from radscribe.cli import main
 from radscribe.errors import RadscribeError
 from radscribe.evaluate.audit import AuditConfig, audit, check_strict
 
-from eval_fixtures import synth_rows, write_dataset
+from eval_fixtures import clean_split, write_dataset
 
 
 def test_clean_split_has_no_image_or_group_leak(small_dataset, capsys):
@@ -21,7 +21,7 @@ def test_clean_split_has_no_image_or_group_leak(small_dataset, capsys):
 
 
 def test_planted_duplicates_are_flagged(tmp_path, capsys):
-    train, val = synth_rows(24, 1), synth_rows(8, 2)
+    train, val = clean_split()
     # exact copy of train[3]'s image, a JPEG re-encode of train[5]'s (near), a shared patient, a copied caption
     val[0]["image"] = train[3]["image"]
     buf = io.BytesIO()

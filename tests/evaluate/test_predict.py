@@ -2,16 +2,16 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 
 from radscribe.cli import main
+from radscribe.data.dataset import read_split
+from radscribe.data.synth import report
 from radscribe.errors import RadscribeError
 from radscribe.evaluate import metrics
 from radscribe.evaluate.predict import EvalConfig, evaluate, output_dir
-from radscribe.data.dataset import read_split
-
-from eval_fixtures import report
 
 LF_KEYS = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime",
            "predict_samples_per_second", "predict_steps_per_second"}
@@ -85,7 +85,12 @@ def test_ablation_exposes_a_model_that_reads_the_image(small_dataset, tmp_path, 
 def test_ablation_shows_no_drop_for_a_blind_model(small_dataset, tmp_path):
     cfg = EvalConfig(model="unused", data=str(small_dataset), out=str(tmp_path / "o"), ablate="blank", n_boot=200)
     scores = evaluate(cfg, engine=BlindEngine())
-    assert all(d["drop"] == 0 for d in scores["ablation"].values() if d["drop"] == d["drop"])
+    defined = {name: d for name, d in scores["ablation"].items() if not math.isnan(d["real"])}
+    # the blind model states a location and a finding, so these are defined on real images
+    assert {"bleu-4", "rouge-l", "location_f1", "finding_f1", "truth_all_accuracy"} <= set(defined)
+    assert all(d["drop"] == 0 and d["real"] == d["ablated"] for d in defined.values())
+    undefined = set(scores["ablation"]) - set(defined)
+    assert all(math.isnan(scores["ablation"][name]["ablated"]) for name in undefined)
 
 
 def test_base_model_eval_needs_out(small_dataset):
@@ -144,7 +149,86 @@ def test_interrupted_eval_resumes(small_dataset, tmp_path):
     assert results["predict_steps_per_second"] > 0
     # predictions saved under other settings are never reused
     with pytest.raises(KeyboardInterrupt):
-        evaluate(cfg, engine=FlakyEngine(fail_at=2))
+        evaluate(dataclasses.replace(cfg, overwrite=True), engine=FlakyEngine(fail_at=2))
     fresh = FlakyEngine()
-    evaluate(dataclasses.replace(cfg, max_new_tokens=7), engine=fresh)
+    evaluate(dataclasses.replace(cfg, max_new_tokens=7, overwrite=True), engine=fresh)
     assert fresh.seen == 8
+
+
+def _eval_args(model, dataset, *extra):
+    return ["eval", "--model", str(model), "--data", str(dataset), "--n-boot", "20", *extra]
+
+
+def test_rerun_with_other_settings_refuses_to_replace_results(small_dataset, tmp_path, monkeypatch, capsys):
+    import radscribe.serve.engine
+
+    engine = FlakyEngine()
+    monkeypatch.setattr(radscribe.serve.engine.Engine, "from_pretrained", lambda *a, **k: engine)
+    model = tmp_path / "model"
+    model.mkdir()
+    out = tmp_path / "evals"
+    assert main(_eval_args(model, small_dataset, "--out", str(out))) == 0
+    before = (out / "val" / "generated_predictions.jsonl").read_text()
+    assert len(before.splitlines()) == 8
+    # `--limit 4` into the folder of an 8-sample eval: refused in one line, and nothing is touched
+    capsys.readouterr()
+    assert main(_eval_args(model, small_dataset, "--out", str(out), "--limit", "4")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"radscribe eval: error: {out / 'val'} already holds an eval of 8 samples made with other settings "
+                   "(limit None -> 4; the evaluated samples); pass --overwrite to replace it, or --out DIR to keep "
+                   "both")
+    assert (out / "val" / "generated_predictions.jsonl").read_text() == before and engine.seen == 8
+    # the same settings again: the saved results are reused, nothing is generated
+    assert main(_eval_args(model, small_dataset, "--out", str(out))) == 0
+    assert engine.seen == 8 and "already evaluated with these settings" in capsys.readouterr().out
+    # a changed model folder counts as other settings, even at the same path
+    (model / "model.safetensors").write_bytes(b"retrained")
+    assert main(_eval_args(model, small_dataset, "--out", str(out))) == 2
+    assert "the model files changed" in capsys.readouterr().err
+    assert main(_eval_args(model, small_dataset, "--out", str(out), "--limit", "4", "--overwrite")) == 0
+    assert len((out / "val" / "generated_predictions.jsonl").read_text().splitlines()) == 4
+    assert json.loads((out / "val" / "scores.json").read_text())["settings"]["limit"] == 4
+
+
+@pytest.mark.parametrize("change", [{"max_new_tokens": 64}, {"temperature": 0.7}, {"adapter": "other"}])
+def test_ablation_reuses_the_real_eval_only_under_the_same_settings(small_dataset, tmp_path, change):
+    runs = {}
+    for name in ("run", "other"):
+        runs[name] = tmp_path / name
+        (runs[name] / "adapter").mkdir(parents=True)
+        (runs[name] / "adapter" / "adapter_config.json").write_text(json.dumps({"name": name}))
+    out = str(tmp_path / "o")
+    cfg = EvalConfig(model="unused", data=str(small_dataset), adapter=str(runs["run"]), out=out, n_boot=50)
+    evaluate(cfg, engine=OracleEngine(small_dataset))
+    ablated = dataclasses.replace(cfg, ablate="blank")
+    reused = FlakyEngine()
+    evaluate(ablated, engine=reused)
+    assert reused.seen == 8  # only the blanked images: the real-image eval was reused
+
+    other = dataclasses.replace(ablated, ablate="shuffle",
+                                **{k: str(runs[v]) if k == "adapter" else v for k, v in change.items()})
+    refused = FlakyEngine()
+    with pytest.raises(RadscribeError, match=r"the ablation is compared with real images under the same settings: "
+                                             r".* made with other settings \((max_new_tokens|temperature|adapter) "):
+        evaluate(other, engine=refused)
+    assert refused.seen == 0
+    redone = FlakyEngine()
+    scores = evaluate(dataclasses.replace(other, overwrite=True), engine=redone)
+    assert redone.seen == 16  # the real-image eval under the new settings, then the shuffled one
+    real = json.loads((tmp_path / "o" / "val" / "scores.json").read_text())
+    assert real["settings"] == {**scores["settings"], "ablate": None}
+    assert all(real["settings"][k] == (str((runs["other"] / "adapter").resolve()) if k == "adapter" else v)
+               for k, v in change.items())
+
+
+def test_eval_on_an_interrupted_run_names_its_checkpoints(small_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    for step in (5, 10):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-10" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("output:\n  dir: run\n")
+    assert main(_eval_args(tmp_path / "model", small_dataset, "--adapter", str(run))) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"radscribe eval: error: {run} has no adapter/: its training did not finish (checkpoints: checkpoint-5, "
+        f"checkpoint-10); continue it with `radscribe train --config {run / 'config.yaml'} --resume`, or pass "
+        f"--adapter {run / 'checkpoints' / 'checkpoint-10'} to use its last checkpoint as it is")

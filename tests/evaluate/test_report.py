@@ -1,10 +1,12 @@
 """`radscribe report`: a self-contained page with tables, plots and sample images that a real browser renders."""
 
+import html
 import json
 import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,8 +61,9 @@ def test_report_contents(two_runs, tmp_path):
     assert "| truth_all_accuracy |" in md
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (apt install chromium)")
 def test_report_renders_in_headless_chromium(two_runs, tmp_path):
+    # The tests need Debian's chromium (README; .ci/run installs it): without it this fails, never skips.
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: apt-get install chromium fonts-noto-cjk"
     base, run = two_runs
     out = tmp_path / "report"
     assert main(["report", str(base), str(run), "--out", str(out), "--n-boot", "100"]) == 0
@@ -82,3 +85,19 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     # non-trivial: not a blank page, and the plot region (charts, dark sample images) has real contrast
     assert pixels.std() > 20 and (pixels < 60).mean() > 0.002
     shutil.copy(shot, os.environ.get("RADSCRIBE_KEEP_SCREENSHOT", tmp_path / "kept.png"))
+
+
+def test_a_sample_whose_image_moved_is_shown_without_it(two_runs, tmp_path, capsys):
+    base, run = two_runs
+    rows = [json.loads(line) for line in (base / "val" / "generated_predictions.jsonl").open()]
+    moved = Path(rows[1]["image"][0])
+    moved.rename(moved.with_suffix(".moved"))
+    out = tmp_path / "report"
+    assert main(["report", str(base), str(run), "--out", str(out), "--n-boot", "50"]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count("class='sample'") == 6  # the same six samples, the second one without its picture
+    assert page.count("<img alt='sample ") == 5 and f"image not found: {html.escape(str(moved))}" in page
+    assert f"<figcaption>{rows[1]['id']}</figcaption>" in page
+    assert f"*(image not found: {moved})*" in (out / "report.md").read_text()
+    assert not (out / "sample-1.png").exists() and (out / "sample-2.png").is_file()
+    assert f"report: 1 sample image(s) no longer readable, shown without the image: {moved}" in capsys.readouterr().err

@@ -98,3 +98,10 @@ def test_cli_chat_missing_image_is_one_line(tiny, tmp_path, capsys):
     assert main(["chat", "--model", str(model_dir), "--image", str(tmp_path / "none.png")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"radscribe chat: error: --image {tmp_path / 'none.png'} does not exist"
+
+
+def test_cli_chat_image_folder_is_one_line(tmp_path, capsys):
+    # The image is checked before the model loads, so no model is needed to see the message.
+    assert main(["chat", "--model", str(tmp_path / "unused"), "--image", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"radscribe chat: error: --image {tmp_path} is a folder; pass one image file (PNG/JPEG/WebP, DICOM or NIfTI)"]
