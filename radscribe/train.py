@@ -292,7 +292,11 @@ def _say_what_trains(cfg: TrainConfig, d: dict) -> None:
 
 def _training_arguments(cfg: TrainConfig, checkpoints: Path, has_val: bool):
     import torch
-    from transformers import TrainingArguments
+
+    from radscribe.quiet import peft_notices
+
+    with peft_notices(cfg.model.quantization):  # transformers' trainer modules import peft
+        from transformers import TrainingArguments
 
     t = cfg.train
     on_cpu = not torch.cuda.is_available()
@@ -319,18 +323,22 @@ def _training_arguments(cfg: TrainConfig, checkpoints: Path, has_val: bool):
 # --- fit ---------------------------------------------------------------------------------------------------
 def fit(cfg: TrainConfig, run: Run):
     """The HF Trainer loop (resuming from the newest checkpoint with --resume); returns (trainer, result, s)."""
+    from contextlib import nullcontext
+
     from transformers import Trainer
 
     from radscribe.encode import collate
+    from radscribe.quiet import deepspeed_cpu_banner
     from radscribe.runlog import RunLog
 
     pad_id = run.processor.tokenizer.pad_token_id
-    trainer = Trainer(
-        model=run.model, args=run.args,
-        train_dataset=run.train_set, eval_dataset=run.val_set if run.val_set.samples else None,
-        data_collator=lambda features: collate(features, pad_id),
-        callbacks=[RunLog(run.dir, _samples_per_step(cfg))],
-    )
+    with deepspeed_cpu_banner() if not cfg.train.deepspeed else nullcontext():
+        trainer = Trainer(
+            model=run.model, args=run.args,
+            train_dataset=run.train_set, eval_dataset=run.val_set if run.val_set.samples else None,
+            data_collator=lambda features: collate(features, pad_id),
+            callbacks=[RunLog(run.dir, _samples_per_step(cfg))],
+        )
     resume = str(run.last_checkpoint) if (run.last_checkpoint and cfg.output.resume) else None
     started = time.perf_counter()
     try:

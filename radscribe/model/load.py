@@ -23,6 +23,7 @@ from pathlib import Path
 
 from radscribe.errors import RadscribeError
 from radscribe.model.lora import quantization_config
+from radscribe.quiet import peft_notices
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.json", "tokenizer_config.json")
@@ -203,15 +204,17 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     if not place_while_loading and not is_deepspeed_zero3_enabled():
         model.to(device)
     if trainable and bnb is not None:
-        from peft import prepare_model_for_kbit_training
+        with peft_notices(quantization):
+            from peft import prepare_model_for_kbit_training
 
         # Freezes the base and upcasts its non-quantised weights (norms, vision tower, lm_head) to fp32, as QLoRA
         # does for stable LoRA updates; gradient checkpointing is the trainer's choice, not the loader's.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter_dir is not None:
-        from peft import PeftModel
+        with peft_notices(quantization):
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     if trainable:
         model.train()
     else:

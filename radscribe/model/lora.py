@@ -114,10 +114,13 @@ def apply_lora(model, section):
         return model
     from peft import get_peft_model
 
+    from radscribe.quiet import peft_notices
+
     target = "all" if section.target == ["all"] else section.target
-    return get_peft_model(model, build_lora_config(
-        model, rank=section.rank, alpha=section.alpha, dropout=section.dropout, target=target,
-        vision=section.vision_tower, merger=section.merger, experts=section.experts))
+    config = build_lora_config(model, rank=section.rank, alpha=section.alpha, dropout=section.dropout, target=target,
+                               vision=section.vision_tower, merger=section.merger, experts=section.experts)
+    with peft_notices():
+        return get_peft_model(model, config)
 
 
 def _short(names) -> list[str]:

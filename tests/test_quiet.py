@@ -1,0 +1,75 @@
+"""Ordinary commands print no warning that tells the user nothing (radscribe/quiet.py); real notices still show."""
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+from radscribe.quiet import deepspeed_cpu_banner, peft_notices
+
+
+def _radscribe(*args, cwd):
+    done = subprocess.run([sys.executable, "-m", "radscribe.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [line for line in (done.stdout + done.stderr).splitlines() if "warn" in line.lower()]
+
+
+def test_train_then_eval_of_the_adapter_print_no_warning(tiny_model_dir, tiny_dataset, tmp_path):
+    # train imports peft (through transformers' Trainer) and deepspeed (through accelerate), wraps the model with
+    # get_peft_model; eval of the run loads the adapter with PeftModel.from_pretrained: every path that warned.
+    run = tmp_path / "run"
+    assert _radscribe("train", "--model", tiny_model_dir("qwen3_vl"), "--data", tiny_dataset, "--out", run,
+                      "train.max_steps=2", "train.per_device_batch=2", "train.precision=fp32",
+                      "train.eval_steps=null", "data.val_split=null", cwd=tmp_path) == []
+    assert _radscribe("eval", "--model", tiny_model_dir("qwen3_vl"), "--adapter", run, "--data", tiny_dataset,
+                      "--limit", "2", "--max-new-tokens", "4", "--n-boot", "10", cwd=tmp_path) == []
+
+
+class _Records(logging.Handler):
+    """Collects a logger's records itself: deepspeed's logger does not propagate to the root (caplog) once imported."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__(logging.DEBUG)
+        self.messages, self.logger = [], logger
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+
+
+def test_bitsandbytes_kernel_notice_is_dropped_only_when_nothing_is_4bit(monkeypatch):
+    # The notice is logged while bitsandbytes is first imported (on CPUs with AVX512-BF16); emulate that import.
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with _Records(notice) as records:
+        with peft_notices():
+            notice.warning("Failed to load CPU gemm_4bit_forward: `pip install kernels`")
+        with peft_notices("4bit"):
+            notice.warning("Failed to load CPU gemm_4bit_forward: `pip install kernels` (4-bit asked for)")
+        notice.warning("a later warning of that logger")
+    assert records.messages == ["Failed to load CPU gemm_4bit_forward: `pip install kernels` (4-bit asked for)",
+                                "a later warning of that logger"]
+
+
+def test_only_the_named_notices_are_silenced():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with peft_notices():
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+            warnings.warn("some other deprecation", FutureWarning)
+    assert [str(w.message) for w in seen] == ["some other deprecation"]
+    ds = logging.getLogger("DeepSpeed")
+    with _Records(ds) as records:
+        with deepspeed_cpu_banner():
+            ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+            ds.warning("a real DeepSpeed warning")
+        ds.warning("Setting accelerator to CPU. (outside: shown)")
+    assert records.messages == ["a real DeepSpeed warning", "Setting accelerator to CPU. (outside: shown)"]
