@@ -22,7 +22,7 @@ def test_train_then_eval_of_the_adapter_print_no_warning(tiny_model_dir, tiny_da
     run = tmp_path / "run"
     assert _radscribe("train", "--model", tiny_model_dir("qwen3_vl"), "--data", tiny_dataset, "--out", run,
                       "train.max_steps=2", "train.per_device_batch=2", "train.precision=fp32",
-                      "train.eval_steps=null", "data.val_split=null", cwd=tmp_path) == []
+                      "train.eval_steps=null", "data.val_split=null", "data.max_samples=8", cwd=tmp_path) == []
     assert _radscribe("eval", "--model", tiny_model_dir("qwen3_vl"), "--adapter", run, "--data", tiny_dataset,
                       "--limit", "2", "--max-new-tokens", "4", "--n-boot", "10", cwd=tmp_path) == []
 
