@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
 
