@@ -59,7 +59,6 @@ def _ours(args) -> dict:
 
 
 def _bare(args) -> dict:
-    import torch
     from peft import LoraConfig, get_peft_model
     from PIL import Image
     from transformers import Trainer, TrainingArguments, set_seed
@@ -221,7 +220,7 @@ def zero_compare(work: Path, data: Path, model: Path, out: Path) -> None:
         summary = json.loads((run / "train_summary.json").read_text())
         curves[name] = ([r["loss"] for r in read_log(run) if "loss" in r], summary)
         print(name, summary["steps"], summary["eval_loss"], flush=True)
-    (a, sa), (b, sb) = curves["z2, per-device 4 (global 8)"], curves["z3, per-device 4 (global 8)"]
+    (a, _), (b, _) = curves["z2, per-device 4 (global 8)"], curves["z3, per-device 4 (global 8)"]
     diff = max(abs(x - y) / abs(x) for x, y in zip(a, b))
     lines = ["## ZeRO-2 vs ZeRO-3 on 2 CPU processes (tiny Qwen3-VL, LoRA r16, fp32, lr 2e-3 cosine, 1 epoch of 200 rows)",
              "", "Command: `OMP_NUM_THREADS=1 python bench/train.py --zero-compare`", "",

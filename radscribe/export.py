@@ -7,7 +7,7 @@ The folder holds the merged weights (safetensors shards), config.json, generatio
 it like a released checkpoint. LoRA on MoE experts (PEFT `target_parameters`) is merged too, and the fused
 expert tensors are written in the released layout, gate_up_proj (E, H, 2I) and down_proj (E, I, H):
 transformers' `save_pretrained` writes its in-memory layout (E, 2I, H) / (E, H, I), which transformers' own
-loader and DeepSpeed ZeRO-3 would then transpose a second time (FIELD_NOTES).
+loader and DeepSpeed ZeRO-3 would then transpose a second time.
 
 `--quantize 4bit` then reloads the merged folder through the one model loader with bitsandbytes nf4 (double
 quant, bf16 compute) and saves it pre-quantised: config.json records the `quantization_config`, the linear
@@ -55,7 +55,6 @@ class ExportConfig:
 def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quantize: str | None = None,
            dtype: str = "auto", device: str | None = "cpu", max_shard_size: str = "5GB") -> Path:
     """Merge `adapter` into `model_dir` and write the standalone folder `out_dir`; returns its path."""
-    import torch
 
     from radscribe.config import save_config
     from radscribe.model.load import check_model_dir, load_model, quantization_config

@@ -74,7 +74,7 @@ def processor_class_without_video(processor_class):
     """`processor_class` (Qwen3VLProcessor, Qwen2_5_VLProcessor) minus its video processor.
 
     transformers' Qwen video processors need torchvision, and PyPI's torchvision wheels do not import beside a
-    CPU-only torch (FIELD_NOTES), so AutoProcessor fails on such machines. ProcessorMixin derives its
+    CPU-only torch ("operator torchvision::nms does not exist"), so AutoProcessor fails on such machines. ProcessorMixin derives its
     sub-processors from `__init__`'s signature: a subclass whose `__init__` has no `video_processor` loads,
     saves and round-trips images and text unchanged. The class keeps the upstream name, so the folder it saves
     says `Qwen3VLProcessor` and loads with AutoProcessor where torchvision exists.

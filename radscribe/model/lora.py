@@ -177,7 +177,7 @@ def quantization_config(quantization: str | None, compute_dtype=None):
 
     # The vision tower (with its merger) and lm_head stay in full precision, as QLoRA recipes for VLMs do: they
     # are a small share of the weights and quantising them costs the most quality. bitsandbytes cannot quantise
-    # the 3-D MoE expert parameters at all (FIELD_NOTES), so an MoE base stays large in 4-bit mode.
+    # the 3-D MoE expert parameters at all (tests/model/test_lora.py), so an MoE base stays large in 4-bit mode.
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype or torch.float32,
