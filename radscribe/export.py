@@ -25,6 +25,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from radscribe.errors import RadscribeError
+from radscribe.quiet import import_deepspeed_quietly
 
 # Files of the base folder that describe the processor and must travel with the export when the processor
 # object cannot write them itself (the video processor config, on machines without torchvision).
@@ -73,6 +74,7 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
     merged = model.merge_and_unload()
     hidden = _text_config(merged.config).hidden_size
     out.mkdir(parents=True, exist_ok=True)
+    import_deepspeed_quietly()  # save_pretrained imports it (through accelerate) whenever it is installed
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     del model, merged
     processor.save_pretrained(out)

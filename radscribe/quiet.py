@@ -1,11 +1,12 @@
 """Upstream notices that tell a radscribe user nothing true and actionable, silenced where they are raised.
 
-Each is a context manager around the one call that raises it; nothing here changes a global filter or level for
-longer than that call, so every other warning of these libraries still reaches the user.
+Each wraps the one call that raises it; nothing here changes a filter or level for longer than that call, so every
+other warning of these libraries still reaches the user.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import warnings
@@ -40,16 +41,19 @@ class _CpuAcceleratorBanner(logging.Filter):
         return not record.getMessage().startswith("Setting accelerator to CPU.")
 
 
-@contextmanager
-def deepspeed_cpu_banner():
-    """Around the first import of deepspeed when DeepSpeed is not used (the HF Trainer's set-up imports it through
-    accelerate whenever it is installed): its "Setting accelerator to CPU. If you have GPU ..." warning says
-    nothing about a run that does not use DeepSpeed. Its logger is (re)configured during that import, so a filter
-    on it is what survives the import; it is removed afterwards."""
+def import_deepspeed_quietly() -> None:
+    """Import deepspeed now, if it is installed, without its "Setting accelerator to CPU. If you have GPU ..." banner.
+
+    For commands that do not use DeepSpeed: accelerate imports it anyway on the first `save_pretrained` or HF
+    Trainer set-up (`extract_model_from_parallel`), and the banner then says nothing about the run. Its logger is
+    (re)configured during that import, so a filter on it, removed afterwards, is what drops the one message.
+    """
+    if "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
     ds_logger = logging.getLogger("DeepSpeed")
     banner = _CpuAcceleratorBanner()
     ds_logger.addFilter(banner)
     try:
-        yield
+        import deepspeed  # noqa: F401
     finally:
         ds_logger.removeFilter(banner)

@@ -323,22 +323,21 @@ def _training_arguments(cfg: TrainConfig, checkpoints: Path, has_val: bool):
 # --- fit ---------------------------------------------------------------------------------------------------
 def fit(cfg: TrainConfig, run: Run):
     """The HF Trainer loop (resuming from the newest checkpoint with --resume); returns (trainer, result, s)."""
-    from contextlib import nullcontext
-
     from transformers import Trainer
 
     from radscribe.encode import collate
-    from radscribe.quiet import deepspeed_cpu_banner
+    from radscribe.quiet import import_deepspeed_quietly
     from radscribe.runlog import RunLog
 
     pad_id = run.processor.tokenizer.pad_token_id
-    with deepspeed_cpu_banner() if not cfg.train.deepspeed else nullcontext():
-        trainer = Trainer(
-            model=run.model, args=run.args,
-            train_dataset=run.train_set, eval_dataset=run.val_set if run.val_set.samples else None,
-            data_collator=lambda features: collate(features, pad_id),
-            callbacks=[RunLog(run.dir, _samples_per_step(cfg))],
-        )
+    if not cfg.train.deepspeed:
+        import_deepspeed_quietly()  # the Trainer's set-up imports it (through accelerate) whenever it is installed
+    trainer = Trainer(
+        model=run.model, args=run.args,
+        train_dataset=run.train_set, eval_dataset=run.val_set if run.val_set.samples else None,
+        data_collator=lambda features: collate(features, pad_id),
+        callbacks=[RunLog(run.dir, _samples_per_step(cfg))],
+    )
     resume = str(run.last_checkpoint) if (run.last_checkpoint and cfg.output.resume) else None
     started = time.perf_counter()
     try:

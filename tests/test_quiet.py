@@ -6,7 +6,7 @@ import subprocess
 import sys
 import warnings
 
-from radscribe.quiet import deepspeed_cpu_banner, peft_notices
+from radscribe.quiet import _CpuAcceleratorBanner, peft_notices
 
 
 def _radscribe(*args, cwd):
@@ -16,9 +16,10 @@ def _radscribe(*args, cwd):
     return [line for line in (done.stdout + done.stderr).splitlines() if "warn" in line.lower()]
 
 
-def test_train_then_eval_of_the_adapter_print_no_warning(tiny_model_dir, tiny_dataset, tmp_path):
-    # train imports peft (through transformers' Trainer) and deepspeed (through accelerate), wraps the model with
+def test_tiny_model_train_and_eval_print_no_warning(tiny_model_dir, tiny_dataset, tmp_path):
+    # tiny-model saves a model; train imports peft (through transformers' Trainer) and deepspeed (through accelerate), wraps the model with
     # get_peft_model; eval of the run loads the adapter with PeftModel.from_pretrained: every path that warned.
+    assert _radscribe("tiny-model", tmp_path / "tiny", cwd=tmp_path) == []  # save_pretrained imports deepspeed
     run = tmp_path / "run"
     assert _radscribe("train", "--model", tiny_model_dir("qwen3_vl"), "--data", tiny_dataset, "--out", run,
                       "train.max_steps=2", "train.per_device_batch=2", "train.precision=fp32",
@@ -66,10 +67,24 @@ def test_only_the_named_notices_are_silenced():
             warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
             warnings.warn("some other deprecation", FutureWarning)
     assert [str(w.message) for w in seen] == ["some other deprecation"]
-    ds = logging.getLogger("DeepSpeed")
-    with _Records(ds) as records:
-        with deepspeed_cpu_banner():
-            ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
-            ds.warning("a real DeepSpeed warning")
-        ds.warning("Setting accelerator to CPU. (outside: shown)")
-    assert records.messages == ["a real DeepSpeed warning", "Setting accelerator to CPU. (outside: shown)"]
+
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def test_deepspeed_is_imported_without_its_cpu_banner_only():
+    import torch
+
+    if not torch.cuda.is_available():  # a plain import prints the banner where no GPU is found ...
+        assert "Setting accelerator to CPU" in _python("import deepspeed")
+    # ... the quiet import does not, and leaves deepspeed imported, so accelerate's later import is silent too
+    assert _python("import sys; from radscribe.quiet import import_deepspeed_quietly; import_deepspeed_quietly(); "
+                   "import deepspeed; assert 'deepspeed' in sys.modules") == ""
+    # other messages of that logger pass
+    record = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, "a real DeepSpeed warning", None, None)
+    assert _CpuAcceleratorBanner().filter(record)

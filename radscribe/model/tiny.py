@@ -24,6 +24,7 @@ from typing import Iterable
 
 from radscribe.errors import RadscribeError
 from radscribe.model.load import processor_class_without_video
+from radscribe.quiet import import_deepspeed_quietly
 
 ARCHS = ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")
 
@@ -237,6 +238,7 @@ def build_tiny_model(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         do_sample=False,
     )
+    import_deepspeed_quietly()  # save_pretrained imports it (through accelerate) whenever it is installed
     model.save_pretrained(out)
     _write_released_layout(model, out)
 
