@@ -57,8 +57,9 @@ def resolve_adapter(run_or_adapter_dir: str | Path) -> Path:
 
 def _check_unfinished_run(run: Path) -> None:
     """A run folder whose training stopped before writing adapter/: say so, name its checkpoints and the fix."""
-    steps = sorted(int(p.name.split("-")[-1]) for p in (run / "checkpoints").glob("checkpoint-*")
-                   if p.name.split("-")[-1].isdigit())
+    from radscribe.runlog import checkpoint_step
+
+    steps = sorted(n for n in map(checkpoint_step, (run / "checkpoints").glob("checkpoint-*")) if n is not None)
     if not steps:
         return
     last = run / "checkpoints" / f"checkpoint-{steps[-1]}"
