@@ -103,18 +103,21 @@ print(json.dumps(result))
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # the first build of the venv (cached afterwards) installs ~5.5 GB of wheels
-def test_autoprocessor_with_torchvision_matches_the_path_without_it(models, tmp_path, request):
+def test_autoprocessor_with_torchvision_matches_the_path_without_it(models, real_model_dir, tmp_path, request):
     # Where torchvision imports (GPU machines: what real users have), load_processor takes AutoProcessor with its
-    # video processor. Run that path for real in a venv that has torchvision, on the same folders, and compare.
+    # video processor. Run that path for real in a venv that has torchvision, on the same folders (ours and the
+    # published download's layout), and compare.
     venv = ScratchVenv(TORCHVISION_VENV).ensure()
     if venv.build_seconds is not None:
         print(f"built the torchvision venv {venv.path} in {venv.build_seconds:.0f} s")
-    args = [a for arch, folder in models.items() for a in (arch, str(folder))]
+    folders = {**{f"tiny-{arch}": folder for arch, folder in models.items()},
+               **{f"real-{arch}": real_model_dir(arch) for arch in models}}
+    args = [a for name, folder in folders.items() for a in (name, str(folder))]
     result = venv.run(inspect.getsource(_inputs) + AUTOPROCESSOR_RUN, str(tmp_path), *args)
     assert result["torchvision"] is True
     request.getfixturevalue("no_torchvision")  # here: the path without torchvision, whatever this machine has
-    for arch, folder in models.items():
-        upstream = {"qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(arch, "Qwen3VLProcessor")
+    for arch, folder in folders.items():
+        upstream = {"qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(arch.split("-", 1)[1], "Qwen3VLProcessor")
         assert result[arch]["processor"].startswith("transformers.models.")  # AutoProcessor's own class
         assert result[arch]["processor"].endswith("." + upstream)
         assert result[arch]["video_processor"].endswith("VideoProcessor")
