@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 import zlib
 from pathlib import Path
@@ -226,16 +227,193 @@ def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
 
 
 # --- DICOM -------------------------------------------------------------------------------------------------
+# Every DICOM read here may be of an untrusted file (uploads, folders from elsewhere), so nothing is decoded or
+# inflated before its size is known: a Deflated Explicit VR Little Endian dataset is inflated by us, first only
+# as far as its header and then only as far as the pixel data it announces (pydicom would inflate the whole stream
+# before parsing anything: FIELD_NOTES, ~1 MB became 1 GB), and compressed pixel data is decoded only after every
+# frame's own codestream header agrees with the Rows x Columns x Samples the dataset announces.
+MAX_DICOM_HEADER_BYTES = 4 << 20
+"""Most bytes a deflated dataset may inflate to before its pixel data starts."""
+DICOM_TRAILER_BYTES = 64 << 10
+"""Bytes a deflated dataset may hold after its pixel data (trailing padding, signatures)."""
+_FILE_META_BYTES = 128 + 4 + (64 << 10)  # preamble, "DICM", and a file meta group far larger than any real one
+
+
+class DecodeLimitError(RadscribeError):
+    """An image over a decoding limit (pixels, samples or inflated bytes): refused before the work is done."""
+
+
 def read_dicom(source: Source, *, name: str | None = None, header_only: bool = False):
-    """pydicom Dataset from a path or bytes (force=True so files without the 128-byte preamble read too)."""
+    """pydicom Dataset from a path or bytes (force=True so files without the 128-byte preamble read too).
+
+    Deflated datasets are inflated within `MAX_DICOM_HEADER_BYTES` (header) and the size the header announces
+    (pixels); past either a `DecodeLimitError` is raised.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    label = _label(source, name)
+    fp = io.BytesIO(source) if isinstance(source, bytes) else None
     try:
-        return pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as err:
-        raise RadscribeError(f"{_label(source, name)}: not a readable DICOM file ({err})") from None
+        if fp is None:
+            fp = open(source, "rb")
+        with fp:
+            meta, body_start = _dicom_file_meta(fp, label)
+            fp.seek(0)
+            if meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+                return _read_deflated(fp, meta, body_start, header_only, label)
+            return pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
+    except RadscribeError:
+        raise
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, IndexError,
+            OverflowError, NotImplementedError, RecursionError, struct.error, zlib.error) as err:
+        # pydicom raises all of these for malformed headers (RecursionError: sequences nested thousands deep).
+        raise RadscribeError(f"{label}: not a readable DICOM file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _dicom_file_meta(fp, label: str):
+    """The file meta group (0002,xxxx) and where the dataset starts, read from the first bytes only.
+
+    These are the two calls `pydicom.dcmread` itself begins with (pydicom 3.0 `read_partial`), so the transfer
+    syntax we act on is the one pydicom would act on; they are not public API, hence the version pin.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    head = io.BytesIO(fp.read(_FILE_META_BYTES))
+    read_preamble(head, True)
+    meta = _read_file_meta_info(head)
+    if head.tell() >= _FILE_META_BYTES:
+        raise RadscribeError(f"{label}: the DICOM file meta group is over {_FILE_META_BYTES - 132} bytes")
+    return meta, head.tell()
+
+
+class _Inflater:
+    """A raw deflate stream (PS3.5 A.5) inflated into `out` on demand, never past the length asked for."""
+
+    def __init__(self, fp, out: io.BytesIO):
+        self.fp, self.out = fp, out
+        self.start = out.tell()
+        self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._pending = b""
+
+    @property
+    def size(self) -> int:
+        return self.out.tell() - self.start
+
+    def fill(self, limit: int) -> bool:
+        """Inflate until the stream ends (True) or `limit` bytes are out and more would follow (False)."""
+        while not self._zlib.eof:
+            room = limit - self.size
+            if not self._pending:
+                self._pending = self.fp.read(1 << 16)
+                if not self._pending:
+                    raise RadscribeError("the deflated dataset is truncated")
+            # max_length caps what one call may produce however small the input (0 would mean no cap).
+            piece = self._zlib.decompress(self._pending, max(room, 1))
+            self._pending = self._zlib.unconsumed_tail
+            self.out.write(piece)  # at most one byte past the limit, kept for a later, larger fill
+            if room <= 0 and piece:
+                return False  # the stream goes on past the limit
+        return True
+
+
+def _read_deflated(fp, meta, body_start: int, header_only: bool, label: str):
+    """Inflate a deflated dataset within the header and announced-pixel bounds, then parse it as explicit VR."""
+    import pydicom
+    from pydicom.filewriter import write_file_meta_info
+
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    meta = pydicom.dataset.FileMetaDataset(meta)
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # what the inflated bytes are
+    if "FileMetaInformationGroupLength" in meta:
+        del meta.FileMetaInformationGroupLength  # its value would be stale; pydicom does not need it
+    write_file_meta_info(out, meta, enforce_standard=False)
+    fp.seek(body_start)
+    inflater = _Inflater(fp, out)
+    ended = inflater.fill(MAX_DICOM_HEADER_BYTES)
+    header = io.BytesIO(out.getvalue())
+    ds = pydicom.dcmread(header, force=True, stop_before_pixels=True)
+    at_pixels = header.tell() < len(header.getvalue())  # dcmread stops at (not past) the pixel data element
+    if not ended and not at_pixels:
+        raise DecodeLimitError(f"{label}: the deflated DICOM header inflates to over {MAX_DICOM_HEADER_BYTES} "
+                               "bytes (a decompression bomb?)")
+    if header_only or ended:
+        return ds if header_only else pydicom.dcmread(io.BytesIO(out.getvalue()), force=True)
+    check_dicom_size(ds, label)
+    pixel_start = header.tell() - inflater.start  # offset of the pixel data element in the inflated stream
+    limit = pixel_start + 12 + _native_pixel_bytes(ds, label) + 1 + DICOM_TRAILER_BYTES
+    if not inflater.fill(limit):
+        raise DecodeLimitError(f"{label}: the deflated DICOM inflates past the {limit} bytes its header announces "
+                               "(a decompression bomb?)")
+    del header
+    out.seek(0)
+    return pydicom.dcmread(out, force=True)
+
+
+def dicom_number(ds, keyword: str, label: str, default=None, *, integer: bool = False):
+    """A numeric attribute as float (first value of a multi-valued one) or int, else a RadscribeError naming it.
+
+    pydicom converts DS/IS strings on access and raises ValueError for text that is no number, so every
+    numeric attribute we use goes through here.
+    """
+    try:
+        value = ds.get(keyword)
+    except (ValueError, TypeError, OverflowError):
+        value = _raw_value(ds, keyword)
+        raise RadscribeError(f"{label}: DICOM {keyword} {value!r} is not a number") from None
+    if value is None or value == "":
+        return default
+    first = value[0] if is_multi(value) else value
+    try:
+        number = float(first)
+    except (TypeError, ValueError, OverflowError):
+        raise RadscribeError(f"{label}: DICOM {keyword} {first!r} is not a number") from None
+    if not math.isfinite(number) or (integer and (number != int(number) or number < 0)):
+        kind = "a non-negative integer" if integer else "a finite number"
+        raise RadscribeError(f"{label}: DICOM {keyword} {first!r} is not {kind}")
+    return int(number) if integer else number
+
+
+def _raw_value(ds, keyword: str) -> str:
+    from pydicom.datadict import tag_for_keyword
+
+    raw = ds.get_item(tag_for_keyword(keyword))
+    value = getattr(raw, "value", raw)
+    return value.decode("latin-1", "replace")[:40] if isinstance(value, bytes) else str(value)[:40]
+
+
+def dicom_frame_count(ds, label: str = "DICOM data") -> int:
+    return dicom_number(ds, "NumberOfFrames", label, 1, integer=True) or 1
+
+
+def dicom_shape(ds, label: str = "DICOM data") -> tuple[int, int, int, int]:
+    """(frames, rows, columns, samples per pixel) from the header, validated as numbers."""
+    return (dicom_frame_count(ds, label), dicom_number(ds, "Rows", label, 0, integer=True),
+            dicom_number(ds, "Columns", label, 0, integer=True),
+            dicom_number(ds, "SamplesPerPixel", label, 1, integer=True))
+
+
+def check_dicom_size(ds, label: str) -> tuple[int, int, int, int]:
+    """Refuse a header announcing more than `MAX_PIXELS` per frame or `MAX_VOXELS` samples in all (before decoding)."""
+    frames, rows, columns, samples = shape = dicom_shape(ds, label)
+    if samples not in (1, 3):
+        raise RadscribeError(f"{label}: DICOM SamplesPerPixel {samples} is not 1 (grayscale) or 3 (colour)")
+    if rows * columns > MAX_PIXELS:
+        raise DecodeLimitError(f"{label}: {rows}x{columns} pixels is over the limit of {MAX_PIXELS}")
+    if frames * rows * columns * samples > MAX_VOXELS:
+        raise DecodeLimitError(f"{label}: {frames} frames of {rows}x{columns}x{samples} is over the limit of "
+                               f"{MAX_VOXELS} samples")
+    return shape
+
+
+def _native_pixel_bytes(ds, label: str) -> int:
+    frames, rows, columns, samples = dicom_shape(ds, label)
+    bits = dicom_number(ds, "BitsAllocated", label, 16, integer=True)
+    if bits not in (1, 8, 16, 32, 64):
+        raise RadscribeError(f"{label}: DICOM BitsAllocated {bits} is not 1, 8, 16, 32 or 64")
+    return (frames * rows * columns * samples * bits + 7) // 8
 
 
 def dicom_to_hu(ds, *, label: str | None = None) -> np.ndarray:
@@ -246,22 +424,22 @@ def dicom_to_hu(ds, *, label: str | None = None) -> np.ndarray:
     """
     from pydicom.pixels import apply_modality_lut
 
+    label = label or str(getattr(ds, "filename", None) or "DICOM data")
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        dicom_number(ds, keyword, label)  # apply_modality_lut would raise a bare ValueError on text
     raw = dicom_pixels(ds, label=label)
     return np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
 
 
 def dicom_pixels(ds, *, label: str | None = None) -> np.ndarray:
-    """The decoded stored pixel values, with the checks every DICOM read needs."""
+    """The decoded stored pixel values, with the checks every DICOM read needs (sizes before decoding)."""
     label = label or str(getattr(ds, "filename", None) or "DICOM data")
     if "PixelData" not in ds:
         raise RadscribeError(f"{label}: DICOM file has no pixel data (not an image)")
-    pixels = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0))
-    if pixels > MAX_PIXELS:
-        raise RadscribeError(f"{label}: {ds.Rows}x{ds.Columns} pixels is over the limit of {MAX_PIXELS}")
-    if pixels * dicom_frame_count(ds) > MAX_VOXELS:
-        raise RadscribeError(f"{label}: {dicom_frame_count(ds)} frames of {ds.Rows}x{ds.Columns} is over the limit "
-                             f"of {MAX_VOXELS} voxels")
+    check_dicom_size(ds, label)
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and syntax.is_encapsulated:
+        check_encapsulated_frames(ds, label)
     try:
         return ds.pixel_array
     except (RuntimeError, NotImplementedError, ValueError, AttributeError) as err:
@@ -272,19 +450,117 @@ def dicom_pixels(ds, *, label: str | None = None) -> np.ndarray:
         raise RadscribeError(f"{label}: cannot decode the DICOM pixel data ({str(err).splitlines()[0]})") from None
 
 
-def auto_window(ds, values: np.ndarray) -> tuple[str, float, float]:
+# --- compressed pixel data: each frame's own size, read from its codestream header -----------------------------
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
+
+
+def check_encapsulated_frames(ds, label: str) -> None:
+    """Refuse compressed pixel data whose frames would decode to more than the header's Rows x Columns x Samples.
+
+    A decoder sizes its output from the codestream, not from the DICOM header, so a 64x64 header can carry a
+    frame that inflates to gigabytes (JPEG/JPEG-LS SOF, JPEG 2000 SIZ), or an RLE segment whose runs add up to
+    far more than one plane. Syntaxes whose frames we cannot measure are refused rather than decoded blind.
+    """
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    frames, rows, columns, samples = dicom_shape(ds, label)
+    if syntax in pydicom.uid.RLETransferSyntaxes:
+        measure = None
+        bits = dicom_number(ds, "BitsAllocated", label, 16, integer=True)
+        plane = rows * columns
+    elif syntax in (*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes,
+                    *pydicom.uid.JPEG2000TransferSyntaxes):
+        measure = _codestream_shape
+    else:
+        raise RadscribeError(f"{label}: {syntax.name} pixel data: radscribe cannot check its decoded size before "
+                             "decoding, so it does not decode it")
+    try:
+        for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+            if measure is None:
+                if not _rle_fits(frame, plane, samples * max(1, bits // 8), label):
+                    raise DecodeLimitError(f"{label}: RLE frame {index} decodes to more than {rows}x{columns}x"
+                                           f"{samples} samples (a decompression bomb?)")
+                continue
+            shape = measure(frame)
+            if shape is None:
+                raise RadscribeError(f"{label}: frame {index} of the {syntax.name} pixel data has no readable "
+                                     "codestream header")
+            height, width, components = shape
+            if height > rows or width > columns or components > samples:
+                raise DecodeLimitError(f"{label}: frame {index} is {height}x{width}x{components} in its codestream "
+                                       f"but the header says {rows}x{columns}x{samples} (a decompression bomb?)")
+    except RadscribeError:
+        raise
+    except (ValueError, TypeError, IndexError, struct.error) as err:
+        raise RadscribeError(f"{label}: malformed encapsulated pixel data ({err})") from None
+
+
+def _codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG/JPEG-LS start-of-frame or a JPEG 2000 SIZ segment."""
+    if frame[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 10 <= len(frame):
+            if frame[pos] != 0xFF:
+                return None
+            marker = frame[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in _JPEG_SOF:
+                height, width = struct.unpack_from(">HH", frame, pos + 5)
+                return height, width, frame[pos + 9]
+            pos += 2 + struct.unpack_from(">H", frame, pos + 2)[0]
+        return None
+    offset = 0
+    if frame[:8] == b"\x00\x00\x00\x0cjP  ":  # a JP2 file (non-conformant in DICOM, but written): find jp2c
+        offset = 12
+        while offset + 8 <= len(frame) and frame[offset + 4:offset + 8] != b"jp2c":
+            length = struct.unpack_from(">I", frame, offset)[0]
+            if length < 8:
+                return None
+            offset += length
+        offset += 8
+    if frame[offset:offset + 4] != b"\xff\x4f\xff\x51" or len(frame) < offset + 44:
+        return None
+    x, y, x0, y0 = struct.unpack_from(">IIII", frame, offset + 8)
+    components = struct.unpack_from(">H", frame, offset + 40)[0]
+    return y - y0, x - x0, components
+
+
+def _rle_fits(frame: bytes, plane: int, segments: int, label: str) -> bool:
+    """Whether every RLE segment (PS3.5 G.3) decodes to at most one plane; stops counting as soon as one is over."""
+    count = struct.unpack_from("<I", frame, 0)[0]
+    if count != segments:
+        raise RadscribeError(f"{label}: an RLE frame has {count} segments where its header needs {segments}")
+    offsets = [*struct.unpack_from(f"<{count}I", frame, 4), len(frame)]
+    for start, end in zip(offsets, offsets[1:]):
+        total, pos = 0, start
+        while pos < end and total <= plane:
+            n = frame[pos]
+            if n > 128:  # replicate the next byte 257 - n times (none when the segment ends first)
+                total += 257 - n if pos + 1 < end else 0
+                pos += 2
+            elif n < 128:  # copy the next n + 1 bytes, as many as the segment still holds
+                total += min(n + 1, end - pos - 1)
+                pos += n + 2
+            else:
+                pos += 1
+        if total > plane:
+            return False
+    return True
+
+
+def auto_window(ds, values: np.ndarray, label: str = "DICOM data") -> tuple[str, float, float]:
     """The file's own window: first WindowCenter/WindowWidth value when present, else the data's min/max."""
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        # Multi-valued (e.g. "40\\400" for several presets): the first is the primary one.
-        center = center[0] if _is_multi(center) else center
-        width = width[0] if _is_multi(width) else width
-        if float(width) >= 1:
-            return "center", float(center), float(width)
+    center, width = dicom_number(ds, "WindowCenter", label), dicom_number(ds, "WindowWidth", label)
+    if center is not None and width is not None and width >= 1:
+        return "center", center, width
     return "range", float(np.min(values)), float(np.max(values))
 
 
-def _is_multi(value) -> bool:
+def is_multi(value) -> bool:
     return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
 
 
@@ -292,11 +568,11 @@ def dicom_images(ds, window, choose, *, label: str | None = None) -> list[tuple[
     """Render the frames `choose(n_frames)` selects: HU -> window -> MONOCHROME1 inversion -> RGB."""
     label = label or str(getattr(ds, "filename", None) or "DICOM data")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(ds.get("SamplesPerPixel", 1)) == 3:
+    if dicom_number(ds, "SamplesPerPixel", label, 1, integer=True) == 3:
         # Colour (RGB/YBR: secondary captures, ultrasound): pydicom returns RGB; windows do not apply.
         pixels = dicom_pixels(ds, label=label)
         frames = pixels if pixels.ndim == 4 else pixels[None]
-        bits = int(ds.get("BitsStored", 8))
+        bits = dicom_number(ds, "BitsStored", label, 8, integer=True)
         scale = 255.0 / (2 ** bits - 1)
         return [(i, Image.fromarray(np.clip(np.rint(frames[i] * scale), 0, 255).astype(np.uint8), mode="RGB"))
                 for i in choose(len(frames))]
@@ -305,7 +581,7 @@ def dicom_images(ds, window, choose, *, label: str | None = None) -> list[tuple[
                              f"{ds.get('Modality')}; use window auto")
     values = dicom_to_hu(ds, label=label)
     frames = values if values.ndim == 3 else values[None]
-    auto = auto_window(ds, frames) if window in (None, "auto") else ("range", 0.0, 0.0)
+    auto = auto_window(ds, frames, label) if window in (None, "auto") else ("range", 0.0, 0.0)
     out = []
     for i in choose(len(frames)):
         rgb = _windowed(frames[i], window, auto, label)
@@ -313,10 +589,6 @@ def dicom_images(ds, window, choose, *, label: str | None = None) -> list[tuple[
             rgb = 255 - rgb  # MONOCHROME1: the lowest value is displayed white (PS3.3 C.7.6.3.1.2)
         out.append((i, Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")))
     return out
-
-
-def dicom_frame_count(ds) -> int:
-    return int(ds.get("NumberOfFrames", 1) or 1)
 
 
 # --- NIfTI ----------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from radscribe.data.imaging import (NIFTI_EXTRA, choose_slices, dicom_frame_count, dicom_images, nifti_images,
-                                    read_dicom, sniff_format)
+from radscribe.data.imaging import (NIFTI_EXTRA, is_multi, choose_slices, dicom_frame_count, dicom_images,
+                                    nifti_images, read_dicom, sniff_format)
 from radscribe.data.sources import Row
 from radscribe.errors import RadscribeError
 
@@ -82,6 +82,7 @@ PATIENT_KEYS = ("patient", "patient_id", "PatientID")
 REPORT_KEY = "report"
 HEADER_KEPT = (*UID_KEYS, "PatientID", "BurnedInAnnotation", "ImagePositionPatient", "ImageOrientationPatient",
                "InstanceNumber")
+NUMERIC_KEPT = ("ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber")
 BURNED_IN_REASON = "Burned In Annotation (0028,0301) is YES: PHI may be in the pixels (--allow-burned-in to accept)"
 
 
@@ -246,8 +247,8 @@ def _read_header(vol: _Volume, deid: dict) -> None:
                 # force=True parses almost any bytes; an image has at least its matrix size.
                 raise RadscribeError(f"{vol.path}: not a readable DICOM image (no Rows/Columns)")
             # Keep only what joins, sorting and the burned-in check need: headers of 100k files stay small.
-            vol.header = {k: ds.get(k) for k in HEADER_KEPT if ds.get(k) is not None}
-            vol.frames = dicom_frame_count(ds)
+            vol.header = _kept_header(ds, str(vol.path))
+            vol.frames = dicom_frame_count(ds, str(vol.path))
             for keyword in IDENTIFYING_TAGS:
                 if keyword in ds and ds[keyword].value not in (None, "", b"", []):
                     dropped[keyword] = dropped.get(keyword, 0) + 1
@@ -269,8 +270,22 @@ def _read_header(vol: _Volume, deid: dict) -> None:
         vol.error = _reason(err, str(vol.path))
     except ImportError:
         vol.error = f"reading NIfTI needs nibabel; {NIFTI_EXTRA}"
-    except Exception as err:  # nibabel's many exception types
+    except Exception as err:  # nibabel's many exception types (DICOM errors are RadscribeErrors by now)
         vol.error = f"not a readable NIfTI file ({type(err).__name__})"
+
+
+def _kept_header(ds, label: str) -> dict:
+    kept = {}
+    for keyword in HEADER_KEPT:
+        try:
+            value = ds.get(keyword)
+            if value is not None and keyword in NUMERIC_KEPT:  # sorting a series reads them as numbers
+                [float(v) for v in (value if is_multi(value) else [value])]
+        except (ValueError, TypeError, OverflowError):  # pydicom converts DS/IS text on access
+            raise RadscribeError(f"{label}: DICOM {keyword} is not a valid value for its type") from None
+        if value is not None:
+            kept[keyword] = value
+    return kept
 
 
 def _join(reports: list[_Report], volumes: list[_Volume], id_key: str):
@@ -329,7 +344,7 @@ def _stacks(vols: list[_Volume], id_key: str, slices: str) -> list[list[tuple[_V
 def _slice_position(vol: _Volume):
     ds = vol.header
     position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-    if position is not None and orientation is not None and len(orientation) == 6:
+    if position is not None and orientation is not None and len(position) == 3 and len(orientation) == 6:
         normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
         return (0, float(np.dot(normal, np.asarray(position, float))), vol.rel)
     return (1, float(ds.get("InstanceNumber") or 0), vol.rel)

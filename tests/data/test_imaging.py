@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import struct
 import sys
 import zlib
@@ -395,3 +396,156 @@ def test_multiframe_dicom_slices(tmp_path):
     assert [i for i, _ in load_slices(path, window="brain", slices="every:2")] == [0, 2, 4]
     np.testing.assert_array_equal(gray(load_image(path, window="brain")), apply_window(hu[2], *WINDOWS["brain"]))
     np.testing.assert_array_equal(gray(load_image(path, window="brain", slice=4)), apply_window(hu[4], 40, 80))
+
+
+# --- untrusted DICOM: bounded inflating and decoding ---------------------------------------------------------------
+from hostile_inputs import ct_dataset, deflate_bomb, deflated, non_numeric_dicom  # noqa: E402
+
+from radscribe.data.imaging import (DecodeLimitError, _codestream_shape, check_encapsulated_frames,  # noqa: E402
+                                    read_dicom)
+
+
+def traced_peak(fn) -> tuple[int, BaseException | None]:
+    """Peak bytes Python allocated while `fn` ran (zlib's output buffers included), and what it raised."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        raised = None
+    except BaseException as err:  # noqa: BLE001 - handed back to the test
+        raised = err
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, raised
+
+
+def test_deflated_dicom_reads_exactly_like_the_same_file_uncompressed():
+    plain = io.BytesIO()
+    ct_dataset(96, 80).save_as(plain, enforce_file_format=True)
+    packed = deflated(ct_dataset(96, 80))
+    assert pydicom.dcmread(io.BytesIO(packed)).file_meta.TransferSyntaxUID.is_deflated
+    np.testing.assert_array_equal(np.asarray(load_image(packed)), np.asarray(load_image(plain.getvalue())))
+    assert read_dicom(packed, header_only=True).Rows == 96
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("trailer", "inflates past the .* bytes its header announces"),  # a valid image, then gigabytes of padding
+    ("header", "header inflates to over 4194304 bytes"),              # gigabytes before the pixel data
+    ("pixels", "inflates past the .* bytes its header announces"),   # pixel data longer than Rows x Columns
+])
+def test_deflate_bombs_are_refused_after_inflating_a_bounded_prefix(kind, message):
+    bomb = deflate_bomb(2048, kind)  # 2 GiB of zeros in ~2 MB: pydicom alone would inflate all of it first
+    assert len(bomb) < 3 * 1024 * 1024
+    for header_only in (False, True):
+        peak, raised = traced_peak(lambda: read_dicom(bomb, header_only=header_only))
+        if kind == "header" or not header_only:
+            assert isinstance(raised, DecodeLimitError) and re.search(message, str(raised)), raised
+        else:
+            assert raised is None  # the header alone is fine; its pixel data is never inflated
+        assert peak < 16 * 1024 * 1024, peak
+    with pytest.raises(DecodeLimitError):
+        load_image(bomb)
+
+
+def test_deflated_pixel_count_is_checked_before_the_pixels_are_inflated():
+    bomb = deflate_bomb(64, "pixels", rows=60000, columns=60000)
+    peak, raised = traced_peak(lambda: load_image(bomb))
+    assert isinstance(raised, DecodeLimitError) and "60000x60000 pixels is over the limit" in str(raised)
+    assert peak < 16 * 1024 * 1024
+    # A deflated image exactly as large as its header says is not a bomb: it decodes.
+    assert load_image(deflate_bomb(8, "pixels", rows=2048, columns=2048)).size == (2048, 2048)
+
+
+COMPRESSED_SAMPLES = ["693_J2KI.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "examples_jpeg2k.dcm",
+                      "SC_rgb_gdcm_KY.dcm", "JPEG-lossy.dcm", "JPGExtended.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                      "SC_rgb_small_odd_jpeg.dcm", "SC_rgb_jpeg_gdcm.dcm", "examples_ybr_color.dcm",
+                      "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm",
+                      "MR_small_RLE.dcm", "SC_rgb_rle_32bit_2frame.dcm", "rtdose_rle.dcm"]
+
+
+@pytest.mark.parametrize("name", COMPRESSED_SAMPLES)
+def test_real_compressed_samples_pass_the_frame_size_check(name):
+    # pydicom's own samples from many encoders: the codestream sizes we read must match what they announce.
+    ds = pydicom.dcmread(get_testdata_file(name, download=False))
+    check_encapsulated_frames(ds, name)
+    if ds.file_meta.TransferSyntaxUID not in pydicom.uid.RLETransferSyntaxes:
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+        assert _codestream_shape(frame) == (ds.Rows, ds.Columns, ds.SamplesPerPixel)
+
+
+def _encapsulated(ds, frame: bytes, syntax) -> bytes:
+    ds = ds.copy()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _sof_sized(jpeg: bytes, height: int, width: int) -> bytes:
+    pos = 2
+    while jpeg[pos + 1] not in (0xC0, 0xC1, 0xC2):
+        pos += 2 + struct.unpack_from(">H", jpeg, pos + 2)[0]
+    return jpeg[:pos + 5] + struct.pack(">HH", height, width) + jpeg[pos + 9:]
+
+
+def test_compressed_frames_larger_than_their_header_are_refused_before_decoding():
+    small = ct_dataset(64, 64, pixels=False)
+    small.BitsAllocated, small.BitsStored, small.HighBit, small.PixelRepresentation = 8, 8, 7, 0
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 90).save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    assert load_image(_encapsulated(small, jpeg, pydicom.uid.JPEGBaseline8Bit)).size == (64, 64)
+    # The header says 64x64; the JPEG inside says 8000x8000 (Pillow would decode 64 M pixels) or 60000x60000.
+    for size in (8000, 60000):
+        data = _encapsulated(small, _sof_sized(jpeg, size, size), pydicom.uid.JPEGBaseline8Bit)
+        with pytest.raises(DecodeLimitError, match=f"frame 0 is {size}x{size}x1 in its codestream but the header "
+                                                   "says 64x64x1"):
+            load_image(data)
+    # JPEG 2000: the SIZ segment's image size.
+    j2k = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm", download=False))
+    frame = bytearray(next(pydicom.encaps.generate_frames(j2k.PixelData, number_of_frames=1)))
+    struct.pack_into(">II", frame, 8, 50000, 50000)
+    with pytest.raises(DecodeLimitError, match="50000x50000x1 in its codestream"):
+        load_image(_encapsulated(j2k, bytes(frame), j2k.file_meta.TransferSyntaxUID))
+    # RLE: runs adding up to 12.8 MB for a 64x64x8-bit plane.
+    rle = struct.pack("<16I", 1, 64, *[0] * 14) + b"\x81\x00" * 100_000
+    peak, raised = traced_peak(lambda: load_image(_encapsulated(small, rle, pydicom.uid.RLELossless)))
+    assert isinstance(raised, DecodeLimitError) and "RLE frame 0 decodes to more than 64x64x1" in str(raised)
+    assert peak < 8 * 1024 * 1024
+    # A syntax whose frames we cannot measure is not decoded blind.
+    with pytest.raises(RadscribeError, match="cannot check its decoded size"):
+        load_image(_encapsulated(small, b"\x00\x00\x01\xb3" + b"\0" * 64, pydicom.uid.MPEG2MPML))
+
+
+@pytest.mark.parametrize("keyword", ["WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept",
+                                     "NumberOfFrames"])
+def test_non_numeric_dicom_attributes_are_one_clear_error(keyword):
+    with pytest.raises(RadscribeError, match=f"DICOM {keyword} 'abc' is not a number"):
+        load_image(non_numeric_dicom(keyword))
+    with pytest.raises(RadscribeError, match=f"DICOM {keyword} 'nan' is not a (finite number|non-negative integer)"):
+        load_image(non_numeric_dicom(keyword, "nan"))
+
+
+def test_deeply_nested_sequences_are_a_clear_error():
+    # 5,000 nested sequences of undefined length: pydicom recurses once per level.
+    item, seq = b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
+    body = (seq + item) * 5000
+    data = b"\0" * 128 + b"DICM" + _meta_for(pydicom.uid.ExplicitVRLittleEndian) + body
+    with pytest.raises(RadscribeError, match="not a readable DICOM file"):
+        load_image(data)
+
+
+def _meta_for(syntax) -> bytes:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3"
+    meta.TransferSyntaxUID = syntax
+    buf = io.BytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()

@@ -269,3 +269,34 @@ def test_multiframe_dicom_gives_one_row_per_chosen_frame(tmp_path):
     assert len({r.image for r in rows}) == 5 and {r.caption for r in rows} == {"five frames"}
     middle, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))
     assert [r.id for r in middle] == [rows[2].id] and middle[0].image == rows[2].image
+
+
+def test_prepare_dicom_rejects_bombs_and_bad_values_and_keeps_every_other_row(tmp_path):
+    # An untrusted folder: two good files, two deflate bombs (gigabytes inflated from a few MB), a file whose
+    # window is text, and a file whose slice position is text. Each bad file is one reject with its reason.
+    from hostile_inputs import deflate_bomb, non_numeric_dicom
+
+    from radscribe.cli import main
+
+    folder = two_files(tmp_path)
+    (folder / "bomb-trailer.dcm").write_bytes(deflate_bomb(4096, "trailer"))
+    (folder / "bomb-header.dcm").write_bytes(deflate_bomb(4096, "header"))
+    (folder / "window.dcm").write_bytes(non_numeric_dicom("WindowCenter"))
+    (folder / "position.dcm").write_bytes(non_numeric_dicom("ImagePositionPatient", "a\\b\\c"))
+    names = ["a.dcm", "b/mr.dcm", "bomb-trailer.dcm", "bomb-header.dcm", "window.dcm", "position.dcm"]
+    csv = write_csv(tmp_path / "r.csv", "file,report", *[f"{n},report {i}" for i, n in enumerate(names)])
+    out = tmp_path / "ds"
+    assert main(["prepare", "--dicom", str(folder), "--reports", str(csv), "--out", str(out), "--key", KEY,
+                 "--keep-ids", "--workers", "1", "--val-ratio", "0.5"]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    kept = [r["id"] for split in ("train", "val") for r in json.loads((out / f"{split}.json").read_text())]
+    assert sorted(kept) == ["dicom-a.dcm", "dicom-b/mr.dcm"]
+    by_file = {Path(r["source"]).name: r["reason"] for r in rejects if r["source"] != str(csv)}
+    assert "inflates past the" in by_file["bomb-trailer.dcm"] and "bomb" in by_file["bomb-trailer.dcm"]
+    assert "header inflates to over" in by_file["bomb-header.dcm"]
+    assert by_file["window.dcm"] == "DICOM WindowCenter 'abc' is not a number"
+    assert by_file["position.dcm"] == "DICOM ImagePositionPatient is not a valid value for its type"
+    # The header bomb is unreadable, so its CSV row matches no file: accounted for as a reject too.
+    assert summary["input_rows"] == summary["train"] + summary["val"] + summary["rejects"]
+    assert summary["train"] + summary["val"] == 2 and summary["rejects"] == len(rejects)
