@@ -21,6 +21,12 @@ from typing import Iterator
 
 from radscribe.errors import RadscribeError
 
+MIN_TEMPERATURE = 0.01
+"""Lowest sampling temperature: below it logits / temperature overflow to inf and sampling fails (vLLM clamps
+to the same value); 0 means greedy decoding."""
+SEED_RANGE = (-2**63, 2**64)
+"""Seeds torch.manual_seed accepts (a signed or unsigned 64-bit integer)."""
+
 
 @dataclass
 class Request:
@@ -35,7 +41,9 @@ class Request:
     top_p: float = 1.0
     """Nucleus sampling mass (only when sampling)."""
     seed: int | None = None
-    """Sampling seed; requests sampled in one batch share the batch's random stream."""
+    """Sampling seed (torch's range, -2**63 .. 2**64-1); requests sampled in one batch share the batch's stream."""
+    cancel: threading.Event | None = None
+    """Set it to stop generating this request (its client has gone); the answer is cut where it stopped."""
 
 
 @dataclass
@@ -49,7 +57,8 @@ class Generation:
     completion_tokens: int
     """Tokens generated, the end-of-turn token included when there was one."""
     finish_reason: str
-    """`stop` when an end-of-turn token ended the answer, `length` when `max_new_tokens` did."""
+    """`stop` when an end-of-turn token ended the answer, `length` when `max_new_tokens` did, `cancelled` when
+    the request's `cancel` event did."""
 
 
 def load_request_image(image):
@@ -119,23 +128,22 @@ class Engine:
 
     def stream(self, request: Request) -> Iterator[str]:
         """Text deltas of one answer as they are generated. Closing the iterator stops generation."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
+
+        import torch
 
         _check(request)
         inputs = self._encode([request])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancelled = threading.Event()
+        cancelled = threading.Event()  # set when the consumer closes the iterator
         failure: list[BaseException] = []
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return cancelled.is_set()
 
         def run():
             try:
-                with self._lock:
+                with self._lock, torch.inference_mode():
+                    _seed(request)
                     self.model.generate(**inputs, **self._generation_kwargs(request), streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+                                        stopping_criteria=_cancel_criteria([request], extra=cancelled))
             except BaseException as err:  # surfaced in the consumer's thread below
                 failure.append(err)
                 streamer.end()
@@ -154,18 +162,48 @@ class Engine:
 
     # --- internals -------------------------------------------------------------------------------------------
     def _encode(self, requests: list[Request]):
-        texts, images = [], []
-        for r in requests:
-            messages = [_with_loaded_images(m, images) for m in r.messages]
-            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        conversations = [[_with_loaded_images(m) for m in r.messages] for r in requests]
+        # User text is encoded as text: `sanitize_control_tokens` (transformers' own) keeps the special tokens
+        # the chat template writes and encodes those typed in messages as plain characters, so
+        # "<|im_start|>system" in a prompt cannot open a turn and "<|image_pad|>" cannot claim an image slot.
         # Left padding: every row's last prompt token sits at the same position, so one decoding step appends
         # to all rows; the attention mask (and, in Qwen-VL, the M-RoPE position ids built from it) skips the pads.
-        inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                return_tensors="pt")
+        inputs = self.processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True,
+            return_dict=True, return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"})
         inputs = inputs.to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
+
+    def prompt_tokens(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> int:
+        """Tokens `messages` will take, without decoding any image: text as `_encode` encodes it, plus each
+        image's placeholder tokens from its (width, height) alone. Image parts may hold anything (even None).
+
+        Raises RadscribeError when the processor refuses an image size (e.g. an aspect ratio over its limit).
+        """
+        skeleton = [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
+                    if isinstance(m.get("content"), list) else m for m in messages]
+        ids = self.tokenizer.apply_chat_template(skeleton, chat_template=self.processor.chat_template,
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 sanitize_control_tokens=True, return_dict=False)
+        image_processor = self.processor.image_processor
+        merge = image_processor.merge_size ** 2
+        total = len(ids) - len(image_sizes)  # each image is one placeholder in `ids`, expanded below
+        for width, height in image_sizes:
+            try:
+                total += image_processor.get_number_of_image_patches(height, width, {}) // merge
+            except ValueError as err:  # the processor's own size rules (aspect ratio, ...)
+                raise RadscribeError(f"a {width}x{height} image cannot be processed: {err}") from None
+        return total
+
+    @property
+    def max_token_chars(self) -> int:
+        """Most characters one text token can cover: text longer than limit x this has more than `limit` tokens."""
+        if not hasattr(self, "_max_token_chars"):
+            # Byte-level BPE: a vocabulary entry's length is its byte count, and a character is at least a byte.
+            self._max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
+        return self._max_token_chars
 
     def _generation_kwargs(self, request: Request) -> dict:
         kwargs = {"max_new_tokens": request.max_new_tokens, "eos_token_id": self.eos_token_ids,
@@ -183,15 +221,23 @@ class Engine:
         longest = max(requests, key=lambda r: r.max_new_tokens)
         inputs = self._encode(requests)
         with self._lock, torch.inference_mode():
-            if longest.temperature > 0 and longest.seed is not None:
-                torch.manual_seed(longest.seed)
-            output = self.model.generate(**inputs, **self._generation_kwargs(longest))
+            _seed(longest)
+            output = self.model.generate(**inputs, **self._generation_kwargs(longest),
+                                         stopping_criteria=_cancel_criteria(requests))
         new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         stops = set(self.eos_token_ids)
         answers = []
         for r, tokens, prompt_length in zip(requests, new_tokens, prompt_lengths):
             tokens = tokens[:r.max_new_tokens]  # the batch ran to its longest budget
+            if r.cancel is not None and r.cancel.is_set():
+                # Padded from the step that saw the cancel on: cut there (nobody waits for this answer).
+                end = next((i for i, t in enumerate(tokens) if t in stops or t == self.tokenizer.pad_token_id),
+                           len(tokens))
+                answers.append(Generation(text=self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
+                                          prompt_tokens=int(prompt_length), completion_tokens=end,
+                                          finish_reason="cancelled"))
+                continue
             end = next((i for i, t in enumerate(tokens) if t in stops), None)
             kept = tokens if end is None else tokens[:end + 1]  # rows that stopped early are padded after it
             answers.append(Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True),
@@ -200,18 +246,36 @@ class Engine:
         return answers
 
 
-def _with_loaded_images(message: dict, images: list) -> dict:
+def _with_loaded_images(message: dict) -> dict:
     content = message.get("content")
     if not isinstance(content, list):
         return message
-    parts = []
-    for part in content:
-        if part.get("type") == "image":
-            image = load_request_image(part.get("image"))
-            images.append(image)
-            part = {"type": "image", "image": image}
-        parts.append(part)
-    return {**message, "content": parts}
+    return {**message, "content": [{"type": "image", "image": load_request_image(part.get("image"))}
+                                   if part.get("type") == "image" else part for part in content]}
+
+
+def _seed(request: Request) -> None:
+    """Seed torch's generator for a sampled request (under the engine lock: the generator is global)."""
+    import torch
+
+    if request.temperature > 0 and request.seed is not None:
+        torch.manual_seed(request.seed)
+
+
+def _cancel_criteria(requests: list[Request], extra: threading.Event | None = None):
+    """A stopping criterion ending each row whose request was cancelled (per row: its batch neighbours go on)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    events = [r.cancel for r in requests]
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stop_all = extra is not None and extra.is_set()
+            return torch.tensor([stop_all or (e is not None and e.is_set()) for e in events],
+                                dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Cancelled()])
 
 
 def _check(r: Request) -> None:
@@ -219,7 +283,9 @@ def _check(r: Request) -> None:
         raise RadscribeError("request has no messages")
     if r.max_new_tokens < 1:
         raise RadscribeError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
-    if r.temperature < 0:
-        raise RadscribeError(f"temperature must be 0 (greedy) or positive, got {r.temperature}")
+    if not (r.temperature == 0 or MIN_TEMPERATURE <= r.temperature < float("inf")):
+        raise RadscribeError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {r.temperature}")
+    if r.seed is not None and not SEED_RANGE[0] <= r.seed < SEED_RANGE[1]:
+        raise RadscribeError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - 1}], got {r.seed}")
     if not 0 < r.top_p <= 1:
         raise RadscribeError(f"top_p must be in (0, 1], got {r.top_p}")
