@@ -334,6 +334,13 @@ def cmd_serve(p) -> None:
     s.flag("--max-image-mb", "images.max_image_bytes", type=float, convert=_mib,
            help="largest encoded image in MB (default 20)")
     s.flag("--max-pixels", "images.max_pixels")
+    s.flag("--fetch-timeout", "images.fetch_timeout_s")
+    for option in ("--max-prompt-tokens", "--max-queue", "--max-queue-per-client", "--max-queued-pixels",
+                   "--max-in-flight"):
+        s.flag(option)
+    s.flag("--allow-origin", "allow_origins")
+    s.flag("--header-timeout", "header_timeout_s")
+    s.flag("--body-timeout", "body_timeout_s")
     s.flag("--max-model-len", "vllm.max_model_len")
     s.flag("--gpu-memory-utilization", "vllm.gpu_memory_utilization")
 

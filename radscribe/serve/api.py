@@ -2,13 +2,17 @@
 
 Run as: radscribe serve --model BASE [--adapter RUN] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-`create_app(engine, cfg)` builds the FastAPI app around one `radscribe.serve.engine.Engine`. Non-streaming
+`create_app(engine, cfg)` builds the FastAPI app around one `radscribe.serve.engine.Engine`. A request passes,
+in order: the HTTP guard (radscribe/serve/safety.py `HttpGuard`: Host allow-list, JSON-only POSTs, a cap on
+requests in flight, security headers), a bounded body read, field checks, image checks from headers alone
+(safety.py), the prompt-token cap (counted before any image is decoded), and admission (`Admission`: a bounded
+queue, a share of it per client address, and a budget of decoded pixels); only then are its images decoded by
+the one image loader, `radscribe.data.imaging.load_image` (DICOM is windowed server-side). Non-streaming
 requests go through a `Batcher`: one worker thread takes the first waiting request, gathers whatever else
-arrives within `batch_wait_ms` (up to `max_batch`), and calls `engine.generate` once for the group. Streaming
-requests run on the same worker, one at a time, so the model is never driven by two threads at once.
-Images are checked by radscribe/serve/safety.py and decoded by the one image loader,
-`radscribe.data.imaging.load_image` (DICOM is windowed server-side). Every refusal is an OpenAI-shaped
-JSON error with a 4xx status; the server keeps serving after it.
+arrives within `batch_wait_ms` (up to `max_batch`), and calls `engine.complete` once for the group. Streaming
+requests run on the same worker, one at a time, so the model is never driven by two threads at once. A client
+that goes away cancels its request, queued or generating. Every refusal is an OpenAI-shaped JSON error with a
+4xx status; the server keeps serving after it. docs/serving.md lists every limit and its default.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import math
 import queue
-import secrets
+import re
 import threading
 import time
 import uuid
@@ -31,15 +36,18 @@ from typing import Any, Literal
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves route annotations by name
 
 from radscribe.errors import RadscribeError
-from radscribe.serve.safety import ImagePolicy, RequestRejected, check_pixels, image_bytes
+from radscribe.serve.safety import (LOOPBACK_NAMES, HttpGuard, ImagePolicy, RequestRejected, check_pixels,
+                                    header_timeout_protocol, image_bytes)
 from radscribe.serve.vllm import VllmOptions
 
 WEB_DIR = Path(__file__).parent / "web"
+MAX_NUMBER_DIGITS = 40
+"""Longest integer literal a request body may hold (Python refuses to parse past 4,300 digits, with a 500)."""
 
 
 @dataclass
 class ServeConfig:
-    """What `radscribe serve` loads, how it listens, what it accepts and how it batches."""
+    """What `radscribe serve` loads, how it listens, what it accepts, how much work it admits and how it batches."""
 
     model: str = ""
     """Base model folder, or a `radscribe export` folder (the vllm backend needs one)."""
@@ -61,12 +69,18 @@ class ServeConfig:
     """If set, every /v1 request needs `Authorization: Bearer <key>` (env RADSCRIBE_API_KEY also sets it)."""
     model_name: str = "radscribe"
     """The model id reported by /v1/models and expected in requests' `model` field."""
+    allow_origins: list[str] = field(default_factory=list)
+    """Host names the server answers to besides the loopback names and the bind address (the `Host` header and
+    any `Origin` must name one of them: DNS rebinding and cross-site requests are refused)."""
     max_body_bytes: int = 16 * 1024 * 1024
     """Largest request body; a bigger one gets 413 before it is parsed."""
     max_tokens_limit: int = 1024
     """Largest `max_tokens` a request may ask for."""
     default_max_tokens: int = 512
     """`max_tokens` when a request does not say."""
+    max_prompt_tokens: int = 8192
+    """Most prompt tokens (text and image tokens) one request may bring: four 1024x1024 images (1,024 tokens
+    each with patch 16 and merge 2) plus a 4,096-token question and conversation. Counted before decoding."""
     max_images: int = 4
     """Most images in one request."""
     images: ImagePolicy = field(default_factory=ImagePolicy)
@@ -77,6 +91,102 @@ class ServeConfig:
     """How long the batcher waits for more requests after the first one of a group arrives."""
     vllm: VllmOptions = field(default_factory=VllmOptions)
     """vLLM settings (vllm backend)."""
+    max_queue: int = 32
+    """Most admitted requests waiting for the model (decoding or queued; the batch generating not counted);
+    past it requests get 429 with Retry-After."""
+    max_queue_per_client: int = 16
+    """Most of the queue one client address may hold (a flood from one host cannot starve the others; behind a
+    reverse proxy every client shares the proxy's address, so set it to max_queue there)."""
+    max_queued_pixels: int = 2 * 4 * 4096 * 4096
+    """Decoded image pixels that admitted requests may hold at once (two requests of four 4096x4096 images);
+    past it requests get 429."""
+    max_in_flight: int = 128
+    """Most HTTP requests being handled at once (reading, checking, waiting); past it 503 with Retry-After."""
+    header_timeout_s: float = 10.0
+    """A request's headers must arrive within this many seconds, else the connection is closed."""
+    body_timeout_s: float = 30.0
+    """A request's body must arrive within this many seconds, else 408."""
+
+
+class Admission:
+    """Who may enter the queue: bounded waiting requests (in all and per client) and decoded pixels held."""
+
+    def __init__(self, max_queue: int, max_per_client: int, max_pixels: int):
+        self.max_queue, self.max_per_client, self.max_pixels = max_queue, max_per_client, max_pixels
+        self.waiting = 0
+        self.running = 0
+        self.pixels = 0
+        self.by_client: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, client: str, pixels: int, retry_after: int) -> "Ticket":
+        with self._lock:
+            mine = self.by_client.get(client, 0)
+            if self.waiting >= self.max_queue:
+                why = f"the queue is full ({self.waiting} requests waiting)"
+            elif mine >= self.max_per_client:
+                why = f"this client already has {mine} requests waiting, its share of the queue"
+            elif self.pixels + pixels > self.max_pixels:
+                why = f"queued requests already hold {self.pixels} decoded pixels, the limit is {self.max_pixels}"
+            else:
+                self.waiting += 1
+                self.pixels += pixels
+                self.by_client[client] = mine + 1
+                return Ticket(self, client, pixels)
+        raise RequestRejected(f"server busy: {why}; retry after {retry_after} s", status=429, code="queue_full",
+                              headers={"Retry-After": str(retry_after)})
+
+    def _start(self, ticket: "Ticket") -> None:
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+            self._leave_client(ticket.client)
+
+    def _release(self, ticket: "Ticket", started: bool) -> None:
+        with self._lock:
+            self.pixels -= ticket.pixels
+            if started:
+                self.running -= 1
+            else:
+                self.waiting -= 1
+                self._leave_client(ticket.client)
+
+    def _leave_client(self, client: str) -> None:
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+    @property
+    def saturated(self) -> bool:
+        return self.waiting >= self.max_queue or self.pixels >= self.max_pixels
+
+
+class Ticket:
+    """One admitted request: `start()` when it begins generating, `release()` when it is over (idempotent)."""
+
+    def __init__(self, admission: Admission, client: str, pixels: int):
+        self.admission, self.client, self.pixels = admission, client, pixels
+        self.started = self.released = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if not self.started and not self.released:
+                self.started = True
+                self.admission._start(self)
+
+    def release(self) -> None:
+        with self._lock:
+            if not self.released:
+                self.released = True
+                self.admission._release(self, self.started)
+
+    def __del__(self):
+        # A safety net: a stream whose client left before its first byte never runs the generator that would
+        # release it; the ticket then goes with the generator, and its place in the queue with it.
+        self.release()
 
 
 class Batcher:
@@ -88,21 +198,26 @@ class Batcher:
         self.wait_s = max(0.0, wait_ms) / 1000
         self.generate_calls = 0  # with `batched_requests`, reported by /health (the bench reads the mean batch)
         self.batched_requests = 0
+        self.mean_batch_s = 1.0  # running mean of one generate call's seconds: the Retry-After estimate
         self._queue: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="radscribe-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, request) -> concurrent.futures.Future:
-        """Queue a non-streaming request; the future resolves to the generated text."""
-        job = _Job(request, concurrent.futures.Future())
-        self._queue.put(job)
-        return job.future
-
-    def submit_stream(self, request, push) -> "_StreamJob":
-        """Queue a streaming request; `push(delta)` is called per text piece, then `push(None)` (or an exception)."""
-        job = _StreamJob(request, push)
+    def submit(self, request, ticket: Ticket | None = None) -> "_Job":
+        """Queue a non-streaming request; `job.future` resolves to the engine's `Generation`."""
+        job = _Job(request, concurrent.futures.Future(), ticket)
         self._queue.put(job)
         return job
+
+    def submit_stream(self, request, push, ticket: Ticket | None = None) -> "_StreamJob":
+        """Queue a streaming request; `push(delta)` is called per text piece, then `push(None)` (or an exception)."""
+        job = _StreamJob(request, push, ticket)
+        self._queue.put(job)
+        return job
+
+    def retry_after(self, waiting: int) -> int:
+        """Seconds until the queue ahead of a new request has probably drained (at least 1, at most 60)."""
+        return max(1, min(60, math.ceil((waiting / self.max_batch + 1) * self.mean_batch_s)))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -117,6 +232,7 @@ class Batcher:
                 return
             if isinstance(job, _StreamJob):
                 self._run_stream(job)
+                job = None  # drop the reference now: the request holds decoded images
                 continue
             group = [job]
             deadline = time.monotonic() + self.wait_s
@@ -131,28 +247,40 @@ class Batcher:
                     break
                 group.append(nxt)
             self._run_group(group)
+            job = group = nxt = None  # nothing of a finished group outlives it while the worker waits
 
     def _run_group(self, group: list["_Job"], retry: bool = False) -> None:
         if not retry:
+            # Requests whose client left while queued were cancelled: they never reach the model.
             group = [j for j in group if j.future.set_running_or_notify_cancel()]
+            for j in group:
+                if j.ticket is not None:
+                    j.ticket.start()
         if not group:
             return
         self.generate_calls += 1
         self.batched_requests += len(group)
+        started = time.monotonic()
         try:
             answers = self.engine.complete([j.request for j in group])
         except Exception as err:
             if len(group) == 1:
-                group[0].future.set_exception(err)
+                group[0].finish(error=err)
                 return
             # One bad request must not fail its neighbours: retry each alone, so only the culprit gets the error.
             for j in group:
                 self._run_group([j], retry=True)
             return
+        self.mean_batch_s = 0.8 * self.mean_batch_s + 0.2 * (time.monotonic() - started)
         for j, answer in zip(group, answers):
-            j.future.set_result(answer)
+            j.finish(answer)
 
     def _run_stream(self, job: "_StreamJob") -> None:
+        if job.cancelled:
+            job.request = None
+            return
+        if job.ticket is not None:
+            job.ticket.start()
         deltas = None
         try:
             deltas = self.engine.stream(job.request)
@@ -167,23 +295,44 @@ class Batcher:
         finally:
             if hasattr(deltas, "close"):
                 deltas.close()  # the engine stops generating when its iterator is closed
+            job.request = None
 
 
 @dataclass
 class _Job:
     request: Any
     future: concurrent.futures.Future
+    ticket: Ticket | None = None
+
+    def finish(self, answer=None, error: BaseException | None = None) -> None:
+        self.request = None  # the decoded images go with it, as soon as the answer exists
+        if not self.future.done():
+            self.future.set_exception(error) if error is not None else self.future.set_result(answer)
 
 
 @dataclass
 class _StreamJob:
     request: Any
     push: Any
+    ticket: Ticket | None = None
     cancelled: bool = False
 
 
+@dataclass
+class _PendingImage:
+    """An image checked from its header, not decoded yet (decoding waits for admission)."""
+
+    data: bytes
+    window: str | None
+    width: int
+    height: int
+    pixels: int
+    param: str
+
+
 def create_app(engine, cfg: ServeConfig | None = None):
-    """The FastAPI app serving `engine` (anything with `complete(list[Request])` and `stream(Request)`)."""
+    """The FastAPI app serving `engine`: anything with `complete(list[Request])`, `stream(Request)`,
+    `prompt_tokens(messages, image_sizes)` and `max_token_chars` (radscribe.serve.engine.Engine has them)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -192,6 +341,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
 
     cfg = cfg or ServeConfig()
     batcher = Batcher(engine, cfg.max_batch, cfg.batch_wait_ms)
+    admission = Admission(cfg.max_queue, cfg.max_queue_per_client, cfg.max_queued_pixels)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -200,16 +350,17 @@ def create_app(engine, cfg: ServeConfig | None = None):
 
     app = FastAPI(title="radscribe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.admission = admission
     app.state.cfg = cfg
 
     def error(status: int, message: str, param: str | None = None, code: str | None = None,
-              kind: str = "invalid_request_error") -> JSONResponse:
+              kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                            status_code=status)
+                            status_code=status, headers=headers)
 
     @app.exception_handler(RequestRejected)
     async def _rejected(_req, err: RequestRejected):
-        return error(err.status, str(err), err.param, err.code)
+        return error(err.status, str(err), err.param, err.code, headers=err.headers)
 
     @app.exception_handler(RadscribeError)
     async def _radscribe(_req, err: RadscribeError):  # e.g. load_image refusing an unknown window
@@ -227,20 +378,14 @@ def create_app(engine, cfg: ServeConfig | None = None):
     async def _crash(_req, err: Exception):
         return error(500, f"internal error ({type(err).__name__}); the server is still up", kind="server_error")
 
-    @app.middleware("http")
-    async def _auth(request: HttpRequest, call_next):
-        # The web page and /health are open; the model endpoints need the key when one is set.
-        if cfg.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                return error(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                             code="invalid_api_key")
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         calls = batcher.generate_calls
-        return {"status": "ok", "model": cfg.model_name, "queued": batcher._queue.qsize(), "generate_calls": calls,
+        saturated = admission.saturated
+        return {"status": "saturated" if saturated else "ok", "model": cfg.model_name,
+                "queued": admission.waiting, "generating": admission.running, "max_queue": cfg.max_queue,
+                "queued_pixels": admission.pixels, "max_queued_pixels": cfg.max_queued_pixels,
+                "saturated": saturated, "in_flight": guard.in_flight, "generate_calls": calls,
                 "mean_batch": round(batcher.batched_requests / calls, 3) if calls else None}
 
     @app.get("/v1/models")
@@ -250,22 +395,39 @@ def create_app(engine, cfg: ServeConfig | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
-        body = await _read_json(request, cfg.max_body_bytes)
+        body = await _read_json(request, cfg, run_in_threadpool)
         params = _completion_params(body, cfg)
-        messages = await run_in_threadpool(_chat_messages, body["messages"], cfg)
-        gen = _engine_request(messages, params)
+        messages, pending = await run_in_threadpool(_checked_messages, body["messages"], cfg)
+        del body  # the parsed JSON holds the base64 images: gone before anything is decoded
+        await run_in_threadpool(_check_prompt_tokens, engine, messages, pending, cfg)
+        ticket = _admit(request, pending)
+        try:
+            messages = await run_in_threadpool(_decoded, messages, pending)
+            del pending
+            gen = _engine_request(messages, params)
+            del messages
+        except BaseException:
+            ticket.release()
+            raise
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if params["stream"]:
-            return StreamingResponse(_sse(batcher, gen, completion_id, created, cfg.model_name, params),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(_sse(batcher, gen, ticket, completion_id, created, cfg.model_name, params),
+                                     media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
         try:
-            answer = await asyncio.wrap_future(batcher.submit(gen))
+            job = batcher.submit(gen, ticket)
+            del gen
+            answer = await _answer_or_disconnect(request, job)
+        except _ClientGone:
+            return error(499, "client closed the request")  # nobody reads it; the generation was cancelled
+        except RadscribeError as err:  # the engine refused the request itself
+            return error(400, str(err), code="invalid_request")
         except Exception as err:  # the engine failed (e.g. out of memory): answer, log one line, keep serving
             print(f"radscribe serve: generation failed: {type(err).__name__}: {err}", flush=True)
             return error(500, f"generation failed ({type(err).__name__}); the server is still up",
                          kind="server_error")
+        finally:
+            ticket.release()
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": cfg.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
@@ -277,11 +439,17 @@ def create_app(engine, cfg: ServeConfig | None = None):
     @app.post("/v1/preview")
     async def preview(request: HttpRequest):
         """The image as the model will see it (DICOM windowed server-side), as PNG, for the web page."""
-        body = await _read_json(request, cfg.max_body_bytes)
+        body = await _read_json(request, cfg, run_in_threadpool)
         url, window = body.get("image_url"), body.get("window")
         if isinstance(url, dict):
             url, window = url.get("url"), url.get("window", window)
-        png = await run_in_threadpool(_preview_png, url, window, cfg)
+        image = await run_in_threadpool(_pending_image, url, window, cfg.images, "image_url")
+        del body
+        ticket = _admit(request, [image])  # decoding costs the same memory as for a completion
+        try:
+            png = await run_in_threadpool(_preview_png, image)
+        finally:
+            ticket.release()
         return Response(png, media_type="image/png")
 
     @app.get("/")
@@ -296,11 +464,52 @@ def create_app(engine, cfg: ServeConfig | None = None):
             return error(404, f"no web asset {name!r}", code="not_found")
         return FileResponse(assets[name])
 
-    return app
+    def _admit(request: HttpRequest, pending: list[_PendingImage]) -> Ticket:
+        client = request.client.host if request.client else "unknown"
+        return admission.admit(client, sum(p.pixels for p in pending), batcher.retry_after(admission.waiting))
+
+    allowed_hosts = [*LOOPBACK_NAMES, *cfg.allow_origins]
+    if cfg.host not in ("0.0.0.0", "::", ""):
+        allowed_hosts.append(cfg.host)  # a concrete bind address is a name clients use
+    guard = HttpGuard(app, allowed_hosts, cfg.max_in_flight,
+                      lambda status, message, code, headers: error(status, message, code=code, headers=headers),
+                      api_key=cfg.api_key)
+    guard.state = app.state  # tests and the bench reach the app's state through the guard too
+    return guard
 
 
-async def _read_json(request, limit: int) -> dict:
-    """The request body as a JSON object, refusing oversized bodies before reading them whole."""
+class _ClientGone(Exception):
+    pass
+
+
+async def _answer_or_disconnect(request: HttpRequest, job: _Job):
+    """The job's answer, or `_ClientGone` (with the job cancelled) as soon as the client disconnects."""
+    answer = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer in done:
+        return answer.result()
+    # Queued: the batcher skips a cancelled future. Generating: the engine stops the row at its next step.
+    job.future.cancel()
+    request_obj = job.request
+    if request_obj is not None and request_obj.cancel is not None:
+        request_obj.cancel.set()
+    answer.cancel()
+    raise _ClientGone
+
+
+async def _disconnected(request: HttpRequest) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (uvicorn sends it when the socket goes).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _read_json(request, cfg: ServeConfig, run_in_threadpool) -> dict:
+    """The request body as a JSON object: bounded in size and time, parsed off the event loop, strictly."""
+    limit = cfg.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -309,24 +518,58 @@ async def _read_json(request, limit: int) -> dict:
             raise RequestRejected(f"request body of {declared} bytes is over the limit of {limit}", status=413,
                                   code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestRejected(f"request body is over the limit of {limit} bytes", status=413,
-                                  code="body_too_large")
-        chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
+        async with asyncio.timeout(cfg.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestRejected(f"request body is over the limit of {limit} bytes", status=413,
+                                          code="body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestRejected(f"the request body did not arrive within {cfg.body_timeout_s:g} s", status=408,
+                              code="body_timeout") from None
+    return await run_in_threadpool(parse_json_body, b"".join(chunks))
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """Strict JSON: no NaN/Infinity, integers of at most MAX_NUMBER_DIGITS digits, bounded nesting, and no
+    unpaired UTF-16 surrogate (an escape like \\ud800 decodes to a string nothing downstream can encode)."""
+
+    def bounded_int(text: str) -> int:
+        if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+            raise RequestRejected(f"the body holds a {len(text.lstrip('-'))}-digit number; at most "
+                                  f"{MAX_NUMBER_DIGITS} digits are accepted", code="invalid_json")
+        return int(text)
+
+    def no_constant(name: str):
+        raise RequestRejected(f"the body holds {name}, which is not JSON", code="invalid_json")
+
+    try:
+        body = json.loads(raw, parse_int=bounded_int, parse_constant=no_constant)
+    except RecursionError:
+        raise RequestRejected("the body nests arrays or objects too deeply", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestRejected(f"the body is not valid JSON ({getattr(err, 'msg', err)})",
                               code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestRejected("the body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):  # cheap test first: emoji arrive as valid surrogate pairs, too
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestRejected("the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send "
+                                  "valid Unicode text", code="invalid_json") from None
     return body
 
 
 def _completion_params(body: dict, cfg: ServeConfig) -> dict:
     """Validate the OpenAI fields we honour; unknown fields are ignored as OpenAI-compatible servers do."""
+    from radscribe.serve.engine import MIN_TEMPERATURE, SEED_RANGE
+
     model = body.get("model")
     if model is not None and model != cfg.model_name:
         raise RequestRejected(f"model {model!r} is not served here; use {cfg.model_name!r} (see /v1/models)",
@@ -342,6 +585,9 @@ def _completion_params(body: dict, cfg: ServeConfig) -> dict:
         raise RequestRejected(f"`max_tokens` {max_tokens} is over this server's limit of {cfg.max_tokens_limit}",
                               param="max_tokens")
     temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise RequestRejected(f"`temperature` must be 0 (greedy) or at least {MIN_TEMPERATURE}; {temperature} "
+                              "overflows the logits", param="temperature")
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0.0:
         raise RequestRejected("`top_p` must be greater than 0", param="top_p")
@@ -353,6 +599,8 @@ def _completion_params(body: dict, cfg: ServeConfig) -> dict:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise RequestRejected("`seed` must be an integer", param="seed")
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise RequestRejected(f"`seed` must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - 1}]", param="seed")
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stream": stream, "seed": seed}
 
 
@@ -365,9 +613,9 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     return float(value)
 
 
-def _chat_messages(messages: list, cfg: ServeConfig) -> list[dict]:
-    """OpenAI messages -> the processor's chat format, images decoded by the one image loader."""
-    out, n_images = [], 0
+def _checked_messages(messages: list, cfg: ServeConfig) -> tuple[list[dict], list[_PendingImage]]:
+    """OpenAI messages -> the processor's chat format with images checked from their headers (not decoded)."""
+    out, pending = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -385,38 +633,68 @@ def _chat_messages(messages: list, cfg: ServeConfig) -> list[dict]:
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
-                n_images += 1
-                if n_images > cfg.max_images:
+                if len(pending) >= cfg.max_images:
                     raise RequestRejected(f"more than {cfg.max_images} images in one request", param=pwhere)
                 spec = part.get("image_url")
                 url, window = (spec.get("url"), spec.get("window")) if isinstance(spec, dict) else (spec, None)
-                parts.append({"type": "image", "image": decode_image(url, window, cfg.images, f"{pwhere}.image_url")})
+                pending.append(_pending_image(url, window, cfg.images, f"{pwhere}.image_url"))
+                parts.append({"type": "image", "image": len(pending) - 1})  # index into `pending` until decoded
             else:
                 raise RequestRejected(f"{pwhere} must be {{'type': 'text', 'text': ...}} or "
                                       "{'type': 'image_url', 'image_url': {'url': 'data:...'}}", param=pwhere)
         out.append({"role": m["role"], "content": parts})
-    return out
+    return out, pending
 
 
-def decode_image(url, window: str | None, policy: ImagePolicy, param: str = "image_url"):
-    """A checked image_url -> PIL RGB through `radscribe.data.imaging.load_image` (DICOM windowed)."""
-    from radscribe.data.imaging import load_image
-
+def _pending_image(url, window, policy: ImagePolicy, param: str) -> _PendingImage:
     if window is not None and not isinstance(window, str):
         raise RequestRejected(f"{param}.window must be a preset name", param=f"{param}.window")
     data = image_bytes(url, policy, param)
-    check_pixels(data, policy, param)
+    header = check_pixels(data, policy, param)
+    return _PendingImage(data, window, header.width, header.height, header.pixels, param)
+
+
+def _check_prompt_tokens(engine, messages: list[dict], pending: list[_PendingImage], cfg: ServeConfig) -> None:
+    """Refuse a prompt over `max_prompt_tokens` before any image is decoded (the count needs only image sizes)."""
+    limit = cfg.max_prompt_tokens
+    chars = sum(len(p["text"]) for m in messages for p in m["content"] if p["type"] == "text")
+    if chars > limit * engine.max_token_chars:  # so many characters cannot fit in `limit` tokens: don't tokenize
+        raise RequestRejected(f"the prompt's {chars} characters are more than {limit} tokens, this server's "
+                              "limit (--max-prompt-tokens)", param="messages", code="context_length_exceeded")
     try:
-        return load_image(data, window=window)
+        tokens = engine.prompt_tokens(messages, [(p.width, p.height) for p in pending])
+    except RadscribeError as err:  # an image size the processor refuses (aspect ratio)
+        raise RequestRejected(str(err), param="messages", code="invalid_image") from None
+    if tokens > limit:
+        raise RequestRejected(f"the prompt is {tokens} tokens (images included), over this server's limit of "
+                              f"{limit} (--max-prompt-tokens); send fewer or smaller images or less text",
+                              param="messages", code="context_length_exceeded")
+
+
+def _decoded(messages: list[dict], pending: list[_PendingImage]) -> list[dict]:
+    """Replace each image index by its decoded image (after admission: decoding is what costs memory)."""
+    return [{**m, "content": [{"type": "image", "image": decode_image(pending[p["image"]])}
+                              if p["type"] == "image" else p for p in m["content"]]} for m in messages]
+
+
+def decode_image(image: _PendingImage):
+    """A checked image -> PIL RGB through `radscribe.data.imaging.load_image` (DICOM windowed)."""
+    from radscribe.data.imaging import DecodeLimitError, load_image
+
+    try:
+        return load_image(image.data, window=image.window)
+    except DecodeLimitError as err:
+        raise RequestRejected(f"{image.param}: {err}", status=413, param=image.param,
+                              code="image_too_large") from None
     except RadscribeError as err:
-        raise RequestRejected(f"{param}: {err}", param=param) from None
+        raise RequestRejected(f"{image.param}: {err}", param=image.param) from None
 
 
-def _preview_png(url, window, cfg: ServeConfig) -> bytes:
-    image = decode_image(url, window, cfg.images, "image_url")
-    image.thumbnail((768, 768))
+def _preview_png(image: _PendingImage) -> bytes:
+    picture = decode_image(image)
+    picture.thumbnail((768, 768))
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    picture.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -424,7 +702,7 @@ def _engine_request(messages: list[dict], params: dict):
     from radscribe.serve.engine import Request
 
     return Request(messages=messages, max_new_tokens=params["max_tokens"], temperature=params["temperature"],
-                   top_p=params["top_p"], seed=params["seed"])
+                   top_p=params["top_p"], seed=params["seed"], cancel=threading.Event())
 
 
 def _finish_reason(engine, text: str, max_tokens: int) -> str:
@@ -437,11 +715,13 @@ def _finish_reason(engine, text: str, max_tokens: int) -> str:
     return "length" if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_tokens else "stop"
 
 
-async def _sse(batcher: Batcher, gen, completion_id: str, created: int, model: str, params: dict):
+async def _sse(batcher: Batcher, gen, ticket: Ticket, completion_id: str, created: int, model: str,
+               params: dict):
     """OpenAI chunk stream: a role chunk, one chunk per text delta, a finish chunk, then `data: [DONE]`."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
-    job = batcher.submit_stream(gen, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+    job = batcher.submit_stream(gen, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d), ticket)
+    del gen
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -453,8 +733,10 @@ async def _sse(batcher: Batcher, gen, completion_id: str, created: int, model: s
         yield chunk({"role": "assistant", "content": ""})
         while (delta := await deltas.get()) is not None:
             if isinstance(delta, Exception):
-                err = {"error": {"message": f"generation failed ({type(delta).__name__})", "type": "server_error",
-                                 "param": None, "code": None}}
+                kind, status = ("invalid_request_error", 400) if isinstance(delta, RadscribeError) else \
+                    ("server_error", 500)
+                message = str(delta) if status == 400 else f"generation failed ({type(delta).__name__})"
+                err = {"error": {"message": message, "type": kind, "param": None, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 break
             text.append(delta)
@@ -464,37 +746,61 @@ async def _sse(batcher: Batcher, gen, completion_id: str, created: int, model: s
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled = True  # client gone or done: stop feeding tokens into a dead connection
+        ticket.release()
+
+
+def uvicorn_config(app, cfg: ServeConfig, **kwargs):
+    """The uvicorn settings every way of serving uses (the CLI, tests, the bench): our header deadline included."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=header_timeout_protocol(cfg.header_timeout_s), log_level="warning",
+                          lifespan="on", timeout_keep_alive=5, **kwargs)
+
+
+def bind(host: str, port: int):
+    """A listening socket on host:port, or a one-line RadscribeError when the port is taken (checked before the
+    model loads: minutes of loading are not wasted on a port conflict)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise RadscribeError(f"cannot listen on {host}:{port}: {err.strerror or err} (another server on that "
+                             "port? choose one with --port)") from None
+    sock.listen(2048)
+    return sock
 
 
 def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None, dtype: str = "auto",
           quantization: str | None = None, device: str | None = None) -> None:
-    """Load the engine and run uvicorn until interrupted."""
+    """Check the port, load the engine and run uvicorn until interrupted."""
     import uvicorn
 
     from radscribe.serve.engine import Engine
 
     cfg = cfg or ServeConfig()
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+    sock = bind(cfg.host, cfg.port)
+    if cfg.host not in LOOPBACK_NAMES and not cfg.api_key:
         print(f"radscribe serve: warning: binding {cfg.host} with no API key exposes the model to the network; "
               "set --api-key or RADSCRIBE_API_KEY")
     engine = Engine.from_pretrained(model, adapter=adapter, dtype=dtype, quantization=quantization, device=device,
                                     batch_size=cfg.max_batch)
     app = create_app(engine, cfg)
-    print(f"radscribe serve: http://{cfg.host}:{cfg.port}/  (API: /v1/chat/completions, model id {cfg.model_name!r})")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    print(f"radscribe serve: http://{cfg.host}:{cfg.port}/  (API: /v1/chat/completions, model id {cfg.model_name!r})",
+          flush=True)
+    uvicorn.Server(uvicorn_config(app, cfg)).run(sockets=[sock])
 
 
 @contextlib.contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     """Run `app` under uvicorn in a background thread; yields its base URL (tests, the bench, the web test)."""
-    import socket
-
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn_config(app, app.state.cfg))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

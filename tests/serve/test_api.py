@@ -13,64 +13,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from scripted import ScriptedEngine, ct_small, healthy, png, user
+
 from radscribe.data.imaging import load_image
 from radscribe.serve.api import ServeConfig, create_app, data_uri, serve_in_thread
 from radscribe.serve.safety import ImagePolicy
-from radscribe.serve.engine import Generation
-
-
-def png(size=(32, 24), mode="RGB", color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def ct_small() -> bytes:
-    from pydicom.data import get_testdata_file
-
-    return open(get_testdata_file("CT_small.dcm", download=False), "rb").read()
-
-
-class ScriptedEngine:
-    """Answers from what it was given: the size of each image and the last user text; records every call."""
-
-    def __init__(self, delay_s=0.0):
-        self.delay_s = delay_s
-        self.batches: list[int] = []
-        self.images: list[Image.Image] = []
-        self.requests = []
-
-    def _answer(self, request):
-        sizes, text = [], ""
-        for m in request.messages:
-            for part in m["content"]:
-                if part["type"] == "image":
-                    self.images.append(part["image"])
-                    sizes.append("x".join(map(str, part["image"].size)))
-                elif m["role"] == "user":
-                    text = part["text"]
-        return f"report {' '.join(sizes) or 'no-image'} for {text}"
-
-    def generate(self, requests):
-        self.batches.append(len(requests))
-        self.requests.extend(requests)
-        time.sleep(self.delay_s)
-        return [self._answer(r) for r in requests]
-
-    def complete(self, requests):
-        return [Generation(text, prompt_tokens=7, completion_tokens=len(text.split()), finish_reason="stop")
-                for text in self.generate(requests)]
-
-    def stream(self, request):
-        self.requests.append(request)
-        for word in self._answer(request).split(" "):
-            yield word + " "
-
-
-def user(text, *images, window=None):
-    parts = [{"type": "image_url", "image_url": {"url": url, **({"window": window} if window else {})}}
-             for url in images]
-    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +27,6 @@ def scripted():
                       images=ImagePolicy(max_image_bytes=1024 * 1024))
     with serve_in_thread(create_app(engine, cfg)) as url:
         yield engine, url
-
-
-def healthy(url):
-    """The server still answers, and still generates."""
-    assert httpx.get(f"{url}/health").json()["status"] == "ok"
-    reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [user("ping")]})
-    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "report no-image for ping"
 
 
 def test_models_health_and_a_plain_completion(scripted):

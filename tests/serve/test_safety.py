@@ -2,7 +2,9 @@
 
 import base64
 import io
+import os
 import socket
+import time
 
 import pytest
 from PIL import Image
@@ -50,7 +52,7 @@ def test_oversized_payload_is_refused_before_decoding():
 
 def test_pixel_limit_reads_only_the_header():
     policy = ImagePolicy(max_pixels=100 * 100)
-    assert check_pixels(png_bytes((100, 100)), policy) == (100, 100)
+    assert check_pixels(png_bytes((100, 100)), policy) == (100, 100, 1)
     with pytest.raises(RequestRejected, match="101x100 is 10100 pixels") as err:
         check_pixels(png_bytes((101, 100)), policy)
     assert err.value.status == 413
@@ -61,7 +63,7 @@ def test_dicom_pixel_limit_from_its_header():
 
     data = open(get_testdata_file("CT_small.dcm", download=False), "rb").read()
     assert image_bytes(uri(data, "application/dicom"), ImagePolicy()) == data
-    assert check_pixels(data, ImagePolicy()) == (128, 128)
+    assert check_pixels(data, ImagePolicy()) == (128, 128, 1)
     with pytest.raises(RequestRejected, match="128x128"):
         check_pixels(data, ImagePolicy(max_pixels=64 * 64))
 
@@ -174,7 +176,113 @@ def test_allow_listed_fetch_pins_the_checked_address_caps_bytes_and_refuses_redi
         assert err.value.status == 413
         with pytest.raises(RequestRejected, match="HTTP 302"):
             image_bytes(f"http://localhost:{port}/moved.png", policy)
-        with pytest.raises(RequestRejected, match="timeout|TimeoutError|failed"):
+        with pytest.raises(RequestRejected, match="took longer than 0.3 s") as err:
             image_bytes(f"http://localhost:{port}/slow.png", policy)
+        assert err.value.code == "fetch_timeout"
     finally:
         server.shutdown()
+
+
+def test_the_fetch_deadline_covers_the_whole_transfer_not_each_read(monkeypatch):
+    # A server that sends one byte every 0.2 s never lets a 1 s *per-read* timeout expire; the 1 s deadline
+    # for the whole fetch must still end it, long before the 40 bytes (8 s) would have trickled in.
+    import threading
+
+    from radscribe.serve import safety
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        reply = b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n" + b"x" * 30
+        for byte in reply:
+            if stop.wait(0.2):
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    monkeypatch.setattr(safety, "is_public_address", lambda ip: True)
+    policy = ImagePolicy(allow_hosts=["localhost"], fetch_timeout_s=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RequestRejected, match="took longer than 1 s"):
+            image_bytes(f"http://localhost:{listener.getsockname()[1]}/slow.png", policy)
+        assert time.monotonic() - started < 4.0  # the trickle needs ~8 s; the deadline ended it
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_allowed_folder_refuses_nul_links_fifos_and_non_files(tmp_path):
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "sub" / "a.png").write_bytes(png_bytes())
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "a.png").write_bytes(png_bytes((9, 9)))
+    (allowed / "linked").symlink_to(tmp_path / "outside")
+    (allowed / "inner-link.png").symlink_to(allowed / "sub" / "a.png")  # even a link that stays inside
+    os.mkfifo(allowed / "pipe.png")
+    policy = ImagePolicy(allow_folder=allowed)
+    assert image_bytes("sub/a.png", policy) == png_bytes()
+    assert image_bytes(f"file://{allowed}/sub/./a.png", policy) == png_bytes()
+    cases = {"sub/a.png\x00.txt": (400, "NUL"), "%00": (400, "NUL"), "linked/a.png": (403, "symbolic link"),
+             "inner-link.png": (403, "symbolic link"), "pipe.png": (404, "not a regular file"),
+             "sub": (404, "not a regular file"), "sub/none.png": (404, "no file"),
+             "sub/a.png/x": (404, "no file"), "": (400, "non-empty")}
+    for url, (status, marker) in cases.items():
+        with pytest.raises(RequestRejected, match=marker) as err:
+            image_bytes(url, policy)
+        assert err.value.status == status, url
+
+
+def test_a_folder_swapped_for_a_link_mid_request_never_leaks_a_file(tmp_path):
+    # The race of resolve-then-open: a thread keeps swapping allowed/sub between a real folder and a link to a
+    # folder outside, while requests read sub/x.png. Opening component by component without following links
+    # must never return the outside file, however the swaps interleave.
+    import threading
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "sub").mkdir(parents=True)
+    outside.mkdir()
+    inside_bytes, secret_bytes = png_bytes((5, 5)), png_bytes((7, 7))
+    (allowed / "sub" / "x.png").write_bytes(inside_bytes)
+    (outside / "x.png").write_bytes(secret_bytes)
+    sub, parked = allowed / "sub", allowed / "parked"
+    stop = threading.Event()
+
+    def swapper():
+        while not stop.is_set():
+            os.rename(sub, parked)
+            os.symlink(outside, sub)
+            os.unlink(sub)
+            os.rename(parked, sub)
+
+    thread = threading.Thread(target=swapper, daemon=True)
+    thread.start()
+    outcomes = {"inside": 0, "link": 0, "missing": 0}
+    policy = ImagePolicy(allow_folder=allowed)
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline or not (outcomes["inside"] and outcomes["link"]):
+            try:
+                data = image_bytes("sub/x.png", policy)
+            except RequestRejected as err:
+                outcomes["link" if "symbolic link" in str(err) else "missing"] += 1
+                continue
+            assert data != secret_bytes, "a file outside the allowed folder was served"
+            assert data == inside_bytes
+            outcomes["inside"] += 1
+            if time.monotonic() > deadline + 30:
+                break
+    finally:
+        stop.set()
+        thread.join()
+    assert outcomes["inside"] and outcomes["link"], outcomes  # the race really ran both ways

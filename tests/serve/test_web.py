@@ -6,6 +6,7 @@ content (the notice banner, the image and the report all painted).
 """
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -55,7 +56,7 @@ def phantom_png(path: Path) -> Path:
 
 def test_upload_png_streams_a_report_and_answers_a_follow_up(browser, server, tmp_path):
     image_path = phantom_png(tmp_path / "phantom.png")
-    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page = browser.new_page(viewport={"width": 1200, "height": 800}, bypass_csp=True)
     page.set_default_timeout(20_000)
     page.goto(server + "/")
     assert "Research use only — not a diagnosis" in page.inner_text("#notice")
@@ -104,7 +105,7 @@ def test_dicom_upload_is_previewed_with_the_chosen_window(browser, server, tmp_p
 
     dicom = tmp_path / "ct.dcm"
     shutil.copy(get_testdata_file("CT_small.dcm", download=False), dicom)
-    page = browser.new_page()
+    page = browser.new_page(bypass_csp=True)  # wait_for_function evaluates strings; our CSP forbids that
     page.set_default_timeout(20_000)
     page.goto(server + "/")
     page.select_option("#window", "lung")
@@ -131,4 +132,86 @@ def test_dicom_upload_is_previewed_with_the_chosen_window(browser, server, tmp_p
     page.wait_for_function("document.getElementById('status').textContent.startsWith('Image refused')")
     assert "not a PNG, JPEG, WebP or DICOM" in page.inner_text("#status")
     assert page.is_disabled("#generate")
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def scripted_server():
+    # Answers "report WxH for <question>" from the image it was sent: what went with each request is on screen.
+    from scripted import ScriptedEngine
+
+    with serve_in_thread(create_app(ScriptedEngine(), ServeConfig(model_name="scripted"))) as url:
+        yield url
+
+
+def sized_png(path: Path, width: int, height: int, shade: int) -> Path:
+    Image.new("RGB", (width, height), (shade, 255 - shade, 90)).save(path)
+    return path
+
+
+def test_a_follow_up_goes_with_the_image_on_screen_and_refusals_reset_the_page(browser, scripted_server, tmp_path):
+    first = sized_png(tmp_path / "first.png", 160, 160, 40)
+    second = sized_png(tmp_path / "second.png", 96, 64, 200)
+    page = browser.new_page(viewport={"width": 1200, "height": 800}, bypass_csp=True)  # string predicates below
+    page.set_default_timeout(20_000)
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    page.goto(scripted_server + "/")
+    # Before any upload there is no image element on screen at all (no broken-image icon).
+    assert page.locator("#preview").bounding_box() is None and not page.is_visible("#preview")
+
+    def upload_and_ask(path: Path, question: str, turns: int) -> list[str]:
+        page.set_input_files("#file", str(path))
+        page.wait_for_function(f"document.getElementById('preview-caption').textContent.startsWith('{path.name}')")
+        assert page.locator(".turn").count() == 0 and page.is_disabled("#followup")  # a fresh conversation
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('.turn.assistant.done').length === 1")
+        page.fill("#followup", question)
+        page.click("#send")
+        page.wait_for_function(f"document.querySelectorAll('.turn.assistant.done').length === {turns}")
+        return page.locator(".turn.assistant").all_inner_texts()
+
+    assert upload_and_ask(first, "left side?", 2) == ["report 160x160 for 图片中的诊断结果是怎样? ",
+                                                      "report 160x160 for left side? "]
+    answers = upload_and_ask(second, "and now?", 2)
+    assert answers == ["report 96x64 for 图片中的诊断结果是怎样? ", "report 96x64 for and now? "]
+    # What the page sent with the follow-up: the second image (and only it), never the first.
+    follow_up = sent[-1]["messages"]
+    images = [p["image_url"]["url"] for m in follow_up if isinstance(m["content"], list) for p in m["content"]
+              if p["type"] == "image_url"]
+    assert images == [data_uri(second.read_bytes(), "image/png")]
+    assert [m["role"] for m in follow_up] == ["user", "assistant", "user"]
+
+    # A refused upload clears the preview and the conversation; nothing can be sent about the old image.
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not an image" * 40)
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Image refused')")
+    assert not page.is_visible("#preview") and page.get_attribute("#preview", "src") is None
+    assert page.inner_text("#preview-caption") == "notes.png was refused."
+    assert page.locator(".turn").count() == 0
+    assert page.is_disabled("#generate") and page.is_disabled("#followup") and page.is_disabled("#send")
+    # Another window for the same file is another image as shown: the conversation starts over too.
+    upload_and_ask(second, "again?", 2)
+    page.select_option("#window", "lung")
+    page.wait_for_function("document.getElementById('status').textContent === ''")
+    assert page.locator(".turn").count() == 0 and page.is_disabled("#followup")
+    page.close()
+
+
+def test_the_page_works_under_its_content_security_policy(browser, scripted_server, tmp_path):
+    # No bypass here, and only selector waits (string predicates are eval, which the policy forbids).
+    page = browser.new_page()
+    page.set_default_timeout(20_000)
+    violations = []
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    response = page.goto(scripted_server + "/")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    page.set_input_files("#file", str(sized_png(tmp_path / "p.png", 50, 40, 10)))
+    page.wait_for_selector("#preview:not([hidden])")
+    page.wait_for_selector("#generate:not([disabled])")
+    assert page.inner_text("#preview-caption") == "p.png — 50×40 as the model sees it"  # the blob: image loaded
+    page.click("#generate")
+    page.wait_for_selector(".turn.assistant.done")
+    assert page.inner_text(".turn.assistant") == "report 50x40 for 图片中的诊断结果是怎样? " and violations == []
     page.close()

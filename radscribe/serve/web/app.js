@@ -1,9 +1,13 @@
 // The radscribe web page: upload -> server-side preview (DICOM windowed by the same loader as the model) ->
 // a streamed report from /v1/chat/completions -> follow-up questions about the same image.
+//
+// One conversation belongs to one image as shown (file + window): a new upload, a refused one or another window
+// ends it (the transcript, the preview and any answer still streaming), so a follow-up can never go out with an
+// image other than the one on screen. `state.epoch` counts those resets; late replies of an older epoch are dropped.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { dataUri: null, messages: [], model: null, busy: false };
+const state = { dataUri: null, fileName: null, messages: [], model: null, busy: false, epoch: 0, abort: null };
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -37,16 +41,49 @@ async function loadModelId() {
   if (resp.ok) state.model = (await resp.json()).data[0].id;
 }
 
+function resetConversation() {
+  state.epoch += 1;
+  if (state.abort) state.abort.abort();  // an answer about the previous image must not land in the new chat
+  state.abort = null;
+  state.messages = [];
+  $("conversation").replaceChildren();
+  $("followup").value = "";
+  for (const id of ["send", "followup"]) $(id).disabled = true;
+}
+
+function clearPreview(caption) {
+  const img = $("preview");
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.removeAttribute("src");
+  img.hidden = true;
+  $("preview-caption").textContent = caption;
+}
+
 async function showPreview() {
+  resetConversation();
   if (!state.dataUri) return;
+  const epoch = state.epoch;
+  $("generate").disabled = true;
   setStatus("Preparing the image…");
   const resp = await fetch("/v1/preview", { method: "POST", headers: headers(),
     body: JSON.stringify({ image_url: state.dataUri, window: $("window").value }) });
-  if (!resp.ok) { setStatus("Image refused: " + await errorText(resp)); $("generate").disabled = true; return; }
+  if (epoch !== state.epoch) return;  // another upload or window came in meanwhile
+  if (!resp.ok) {
+    const reason = await errorText(resp);
+    if (epoch !== state.epoch) return;
+    state.dataUri = null;  // nothing may be sent about an image the server refused
+    clearPreview(`${state.fileName} was refused.`);
+    setStatus("Image refused: " + reason);
+    return;
+  }
+  const blob = await resp.blob();
+  if (epoch !== state.epoch) return;
   const img = $("preview");
-  img.src = URL.createObjectURL(await resp.blob());
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(blob);
   img.hidden = false;
   await img.decode().catch(() => {});
+  if (epoch !== state.epoch) return;
   $("preview-caption").textContent = `${state.fileName} — ${img.naturalWidth}×${img.naturalHeight} as the model sees it`;
   $("generate").disabled = state.busy;
   setStatus("");
@@ -55,9 +92,13 @@ async function showPreview() {
 $("file").addEventListener("change", async () => {
   const file = $("file").files[0];
   if (!file) return;
+  state.dataUri = null;
+  state.fileName = file.name;
+  resetConversation();
+  clearPreview(`Reading ${file.name}…`);
+  $("generate").disabled = true;
   const bytes = new Uint8Array(await file.arrayBuffer());
   state.dataUri = `data:${mediaType(file, bytes)};base64,${toBase64(bytes)}`;
-  state.fileName = file.name;
   await showPreview();
 });
 
@@ -73,15 +114,19 @@ function addTurn(role, text) {
 }
 
 async function streamReply() {
+  const epoch = state.epoch;
+  const abort = new AbortController();
+  state.abort = abort;
   state.busy = true;
   for (const id of ["generate", "send", "followup"]) $(id).disabled = true;
   const bubble = addTurn("assistant", "");
   bubble.classList.add("streaming");
   setStatus("Generating…");
   let text = "";
+  const current = () => epoch === state.epoch;
   try {
     if (!state.model) await loadModelId();
-    const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
+    const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), signal: abort.signal,
       body: JSON.stringify({ model: state.model, messages: state.messages, stream: true,
                              max_tokens: parseInt($("max-tokens").value, 10) || 256 }) });
     if (!resp.ok) throw new Error(await errorText(resp));
@@ -105,27 +150,37 @@ async function streamReply() {
         if (delta) { text += delta; bubble.textContent = text; }
       }
     }
-    state.messages.push({ role: "assistant", content: text });
-    setStatus("Done.");
+    if (current()) {
+      state.messages.push({ role: "assistant", content: text });
+      setStatus("Done.");
+    }
   } catch (err) {
-    bubble.classList.add("error");
-    bubble.textContent = text + "\n[error: " + err.message + "]";
-    state.messages.pop();  // drop the question that failed so a retry starts clean
-    setStatus("Failed.");
+    if (current()) {
+      bubble.classList.add("error");
+      bubble.textContent = text + "\n[error: " + err.message + "]";
+      state.messages.pop();  // drop the question that failed so a retry starts clean
+      setStatus("Failed.");
+    }
   } finally {
     bubble.classList.remove("streaming");
     bubble.classList.add("done");
-    state.busy = false;
-    $("generate").disabled = !state.dataUri;
-    $("send").disabled = state.messages.length === 0;
-    $("followup").disabled = state.messages.length === 0;
+    if (state.abort === abort) state.abort = null;
+    if (current()) {
+      state.busy = false;
+      $("generate").disabled = !state.dataUri;
+      $("send").disabled = state.messages.length === 0;
+      $("followup").disabled = state.messages.length === 0;
+    } else {
+      state.busy = false;
+      $("generate").disabled = !state.dataUri || !$("preview").src;
+    }
   }
 }
 
 $("upload-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   if (!state.dataUri || state.busy) return;
-  $("conversation").replaceChildren();
+  resetConversation();  // a new report starts a new conversation about the image shown
   const prompt = $("prompt").value.trim() || "图片中的诊断结果是怎样?";
   state.messages = [{ role: "user", content: [
     { type: "image_url", image_url: { url: state.dataUri, window: $("window").value } },
