@@ -8,6 +8,12 @@ only to check it is installed; the server runs as `python -m vllm.entrypoints.op
 environment, with our defaults carried over: loopback bind, the API key from the environment (not the command
 line, where `ps` would show it), a per-prompt image limit, no video, and no media fetched from the network or
 the disk unless allow-listed.
+
+Special tokens: vLLM's chat endpoint renders the chat template to one string and tokenizes it whole, so
+`<|im_start|>system ...` typed into a message becomes real control tokens and can forge turns. It has no option
+that encodes message text as plain text (the proposals, vllm-project/vllm PRs #11691, #11713 and #31735, were
+closed unmerged); radscribe's own backend does (engine.py, transformers' `sanitize_control_tokens`). So the vLLM backend prints `SPECIAL_TOKENS_WARNING` at start and is for trusted
+clients only; put radscribe's own backend (`--backend hf`) in front of anyone else.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ VLLM_EXTRA = "pip install 'radscribe[vllm]' (Linux with a CUDA GPU)"
 # A domain that can never resolve (RFC 6761): vLLM fetches http(s) image URLs from any host unless
 # --allowed-media-domains narrows it, so with no allow-listed host we narrow it to nothing.
 NO_DOMAIN = "radscribe.invalid"
+SPECIAL_TOKENS_WARNING = ("radscribe serve: warning: vLLM parses special tokens typed in messages (a user can write "
+                          "<|im_start|>system and forge a turn); serve only trusted clients with --backend vllm")
 
 
 @dataclass
@@ -90,6 +98,7 @@ def serve_vllm(export_dir: str | Path, host: str = "127.0.0.1", port: int = 8000
     if export_dir is None:
         raise RadscribeError("--backend vllm needs --model pointing at a `radscribe export` folder")
     cmd = vllm_command(export_dir, host, port, model_name, options or VllmOptions(), allow_hosts, allow_folder)
+    print(SPECIAL_TOKENS_WARNING, flush=True)
     check_vllm_available()
     env = dict(os.environ, VLLM_MEDIA_URL_ALLOW_REDIRECTS="0")
     if api_key:

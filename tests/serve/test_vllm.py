@@ -7,7 +7,8 @@ import pytest
 
 from radscribe.cli import main
 from radscribe.errors import RadscribeError
-from radscribe.serve.vllm import NO_DOMAIN, VllmOptions, check_vllm_available, vllm_command
+from radscribe.serve.vllm import (NO_DOMAIN, SPECIAL_TOKENS_WARNING, VllmOptions, check_vllm_available,
+                                  vllm_command)
 
 
 @pytest.fixture
@@ -52,4 +53,7 @@ def test_missing_vllm_names_the_extra(export_dir, capsys):
     with pytest.raises(RadscribeError, match=r"radscribe\[vllm\]"):
         check_vllm_available()
     assert main(["serve", "--backend", "vllm", "--model", str(export_dir)]) == 2
-    assert "radscribe[vllm]" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "radscribe[vllm]" in out.err
+    # vLLM has no way to encode message text as plain text: the operator is told, every time.
+    assert SPECIAL_TOKENS_WARNING in out.out and "<|im_start|>" in SPECIAL_TOKENS_WARNING
