@@ -108,6 +108,24 @@ class ServeConfig:
     """A request's body must arrive within this many seconds, else 408."""
 
 
+def check_config(cfg: ServeConfig) -> None:
+    """Limits that could never let a request through are mistakes: one line naming the setting and the fix."""
+    positive = {"max_body_bytes": cfg.max_body_bytes, "max_tokens_limit": cfg.max_tokens_limit,
+                "default_max_tokens": cfg.default_max_tokens, "max_prompt_tokens": cfg.max_prompt_tokens,
+                "max_images": cfg.max_images, "max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
+                "max_queue_per_client": cfg.max_queue_per_client, "max_queued_pixels": cfg.max_queued_pixels,
+                "max_in_flight": cfg.max_in_flight, "header_timeout_s": cfg.header_timeout_s,
+                "body_timeout_s": cfg.body_timeout_s, "images.max_image_bytes": cfg.images.max_image_bytes,
+                "images.max_pixels": cfg.images.max_pixels, "images.fetch_timeout_s": cfg.images.fetch_timeout_s}
+    for name, value in positive.items():
+        if not value > 0:
+            raise RadscribeError(f"serve: {name} must be positive, got {value}")
+    if cfg.max_queued_pixels < cfg.max_images * cfg.images.max_pixels:
+        raise RadscribeError(f"serve: max_queued_pixels {cfg.max_queued_pixels} is less than one request may "
+                             f"bring ({cfg.max_images} images x {cfg.images.max_pixels} pixels); raise "
+                             "--max-queued-pixels or lower --max-pixels")
+
+
 class Admission:
     """Who may enter the queue: bounded waiting requests (in all and per client) and decoded pixels held."""
 
@@ -340,6 +358,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = cfg or ServeConfig()
+    check_config(cfg)
     batcher = Batcher(engine, cfg.max_batch, cfg.batch_wait_ms)
     admission = Admission(cfg.max_queue, cfg.max_queue_per_client, cfg.max_queued_pixels)
 
@@ -782,6 +801,7 @@ def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None
     from radscribe.serve.engine import Engine
 
     cfg = cfg or ServeConfig()
+    check_config(cfg)
     sock = bind(cfg.host, cfg.port)
     if cfg.host not in LOOPBACK_NAMES and not cfg.api_key:
         print(f"radscribe serve: warning: binding {cfg.host} with no API key exposes the model to the network; "

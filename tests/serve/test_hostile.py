@@ -137,6 +137,15 @@ def test_browser_facing_guards_host_origin_content_type_and_headers(scripted):
     assert httpx.get(url + "/web/app.js").headers.get("cache-control") != "no-store"  # static files may be cached
 
 
+def test_limits_that_could_never_admit_a_request_are_refused_at_start():
+    from radscribe.errors import RadscribeError
+
+    with pytest.raises(RadscribeError, match="max_queue must be positive"):
+        create_app(ScriptedEngine(), ServeConfig(max_queue=0))
+    with pytest.raises(RadscribeError, match="raise --max-queued-pixels"):
+        create_app(ScriptedEngine(), ServeConfig(max_queued_pixels=4096 * 4096))
+
+
 def test_allow_origin_widens_the_host_list():
     cfg = ServeConfig(allow_origins=["radscribe.hospital.example", "https://viewer.hospital.example:8443"])
     with serve_in_thread(create_app(ScriptedEngine(), cfg)) as url:
@@ -203,10 +212,11 @@ def wait_for(condition, timeout=10.0) -> bool:
     return condition()
 
 
-def fire(url, text, results=None, timeout=30, **extra):
+def fire(url, text, results=None, timeout=30, image=None):
     def go():
         try:
-            reply = httpx.post(url + CHAT, json={"messages": [user(text)], **extra}, timeout=timeout)
+            message = user(text, image) if image else user(text)
+            reply = httpx.post(url + CHAT, json={"messages": [message]}, timeout=timeout)
             outcome = reply.status_code
         except httpx.HTTPError as err:
             outcome = type(err).__name__
@@ -259,9 +269,10 @@ def test_a_full_queue_answers_429_with_retry_after_and_health_says_saturated():
 
 def test_one_client_gets_only_its_share_of_the_queue_and_pixels_are_budgeted():
     engine = HoldingEngine()
-    cfg = ServeConfig(max_batch=1, max_queue=8, max_queue_per_client=1, max_queued_pixels=100 * 100 + 50 * 50)
+    cfg = ServeConfig(max_batch=1, max_queue=8, max_queue_per_client=1, max_images=1,
+                      images=ImagePolicy(max_pixels=12_500), max_queued_pixels=12_500)
     with serve_in_thread(create_app(engine, cfg)) as url:
-        threads = [fire(url, "generating")]
+        threads = [fire(url, "generating", image=data_uri(png((100, 100)), "image/png"))]  # holds 10,000 pixels
         assert wait_for(lambda: engine.started == ["generating"])
         threads.append(fire(url, "mine"))
         assert wait_for(lambda: httpx.get(url + "/health").json()["queued"] == 1)
@@ -269,17 +280,15 @@ def test_one_client_gets_only_its_share_of_the_queue_and_pixels_are_budgeted():
         assert reply.status_code == 429 and "its share of the queue" in reply.json()["error"]["message"]
         # Another client address (127.0.0.2 is loopback too) still gets in, until the pixel budget is spent.
         other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
-        big = {"messages": [user("big", data_uri(png((100, 100)), "image/png"))]}
-        too_big = {"messages": [user("too big", data_uri(png((101, 100)), "image/png"))]}
-        assert other.post(url + "/v1/preview", json={"image_url": data_uri(png((100, 100)), "image/png")},
-                          ).status_code == 200
-        reply = other.post(url + "/v1/preview", json={"image_url": data_uri(png((120, 120)), "image/png")})
-        assert reply.status_code == 429 and "decoded pixels" in reply.json()["error"]["message"]
+        fits = other.post(url + "/v1/preview", json={"image_url": data_uri(png((50, 50)), "image/png")})
+        assert fits.status_code == 200 and httpx.get(url + "/health").json()["queued_pixels"] == 10_000
+        reply = other.post(url + "/v1/preview", json={"image_url": data_uri(png((60, 60)), "image/png")})
+        assert reply.status_code == 429 and "hold 10000 decoded pixels" in reply.json()["error"]["message"]
         engine.release.set()
-        assert other.post(url + CHAT, json=big).status_code == 200
-        assert other.post(url + CHAT, json=too_big).status_code == 200  # nothing else holds pixels by now
         for t in threads:
             t.join()
+        assert other.post(url + "/v1/preview", json={"image_url": data_uri(png((60, 60)), "image/png")},
+                          ).status_code == 200  # the pixels went with the finished request
 
 
 def test_requests_in_flight_are_capped_with_503():
