@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import io
@@ -207,8 +208,37 @@ class Ticket:
         self.release()
 
 
+class FairQueue:
+    """Jobs served round-robin across client addresses, first-in first-out within one client: a client that
+    floods the queue waits behind its own requests, not in front of everyone else's (`get` mimics queue.Queue)."""
+
+    def __init__(self):
+        self._by_client: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._ready = threading.Condition()
+
+    def put(self, job, client: str = "") -> None:
+        with self._ready:
+            self._by_client.setdefault(client, collections.deque()).append(job)
+            self._ready.notify()
+
+    def get(self, timeout: float | None = None):
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._by_client, timeout):
+                raise queue.Empty
+            client, jobs = self._by_client.popitem(last=False)
+            job = jobs.popleft()
+            if jobs:
+                self._by_client[client] = jobs  # to the back of the round
+            return job
+
+    def qsize(self) -> int:
+        with self._ready:
+            return sum(len(jobs) for jobs in self._by_client.values())
+
+
 class Batcher:
-    """One worker thread between the API and the engine: groups plain requests, runs streams one at a time."""
+    """One worker thread between the API and the engine: groups plain requests, runs streams one at a time.
+    Waiting requests are taken round-robin across client addresses (`FairQueue`)."""
 
     def __init__(self, engine, max_batch: int = 8, wait_ms: float = 5.0):
         self.engine = engine
@@ -217,20 +247,20 @@ class Batcher:
         self.generate_calls = 0  # with `batched_requests`, reported by /health (the bench reads the mean batch)
         self.batched_requests = 0
         self.mean_batch_s = 1.0  # running mean of one generate call's seconds: the Retry-After estimate
-        self._queue: queue.Queue = queue.Queue()
+        self._queue = FairQueue()
         self._worker = threading.Thread(target=self._run, name="radscribe-batcher", daemon=True)
         self._worker.start()
 
     def submit(self, request, ticket: Ticket | None = None) -> "_Job":
         """Queue a non-streaming request; `job.future` resolves to the engine's `Generation`."""
         job = _Job(request, concurrent.futures.Future(), ticket)
-        self._queue.put(job)
+        self._queue.put(job, ticket.client if ticket else "")
         return job
 
     def submit_stream(self, request, push, ticket: Ticket | None = None) -> "_StreamJob":
         """Queue a streaming request; `push(delta)` is called per text piece, then `push(None)` (or an exception)."""
         job = _StreamJob(request, push, ticket)
-        self._queue.put(job)
+        self._queue.put(job, ticket.client if ticket else "")
         return job
 
     def retry_after(self, waiting: int) -> int:

@@ -291,6 +291,24 @@ def test_one_client_gets_only_its_share_of_the_queue_and_pixels_are_budgeted():
                           ).status_code == 200  # the pixels went with the finished request
 
 
+def test_a_flooding_client_waits_behind_its_own_requests_not_everyone_elses():
+    engine = HoldingEngine()
+    with serve_in_thread(create_app(engine, ServeConfig(max_batch=1))) as url:
+        threads = [fire(url, "a1")]
+        assert wait_for(lambda: engine.started == ["a1"])
+        threads += [fire(url, f"a{i}") for i in range(2, 6)]  # the flood, all from 127.0.0.1
+        assert wait_for(lambda: httpx.get(url + "/health").json()["queued"] == 4)
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        late = threading.Thread(target=lambda: other.post(url + CHAT, json={"messages": [user("b1")]}))
+        late.start()
+        assert wait_for(lambda: httpx.get(url + "/health").json()["queued"] == 5)
+        engine.release.set()
+        for t in [*threads, late]:
+            t.join()
+    # Round-robin by address: the other client's one request goes after one more of the flood's, not all four.
+    assert engine.started == ["a1", "a2", "b1", "a3", "a4", "a5"]
+
+
 def test_requests_in_flight_are_capped_with_503():
     engine = HoldingEngine()
     with serve_in_thread(create_app(engine, ServeConfig(max_batch=1, max_in_flight=2))) as url:
