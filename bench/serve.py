@@ -192,7 +192,11 @@ def write_table(path: Path, args, rows, speedup: float, load_before, load_after)
                      f"{r['p99_s']:.3f} | {r['mean_batch']} |")
     lines += ["", f"Speed-up from batching at {args.clients} clients: **{speedup:.2f}x** (target >= 2x).", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    # bench/serve_hostile.py writes its own section after this one: keep it.
+    hostile = "## Under attack (`python bench/serve_hostile.py`)"
+    previous = path.read_text(encoding="utf-8") if path.is_file() else ""
+    kept = hostile + previous.split(hostile, 1)[1] if hostile in previous else ""
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""), encoding="utf-8")
     print(f"wrote {path}")
 
 

@@ -451,7 +451,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
         await run_in_threadpool(_check_prompt_tokens, engine, messages, pending, cfg)
         ticket = _admit(request, pending)
         try:
-            messages = await run_in_threadpool(_decoded, messages, pending)
+            messages = await run_in_threadpool(_decoded, engine, messages, pending)
             del pending
             gen = _engine_request(messages, params)
             del messages
@@ -720,10 +720,33 @@ def _check_prompt_tokens(engine, messages: list[dict], pending: list[_PendingIma
                               param="messages", code="context_length_exceeded")
 
 
-def _decoded(messages: list[dict], pending: list[_PendingImage]) -> list[dict]:
-    """Replace each image index by its decoded image (after admission: decoding is what costs memory)."""
-    return [{**m, "content": [{"type": "image", "image": decode_image(pending[p["image"]])}
+def _decoded(engine, messages: list[dict], pending: list[_PendingImage]) -> list[dict]:
+    """Replace each image index by its decoded image, sized as the model's processor will size it (after
+    admission: decoding is what costs memory)."""
+    return [{**m, "content": [{"type": "image", "image": processor_sized(engine, decode_image(pending[p["image"]]))}
                               if p["type"] == "image" else p for p in m["content"]]} for m in messages]
+
+
+def processor_sized(engine, image):
+    """`image` resized, here in the request's own thread, to the size the engine's Qwen-VL image processor would
+    resize it to, with the processor's own filter (PIL bicubic): the processor then finds nothing to resize, so
+    the pixels it sees are the same, but the seconds a 4096x4096 upload costs are spent in parallel rather than in
+    the one worker thread every request waits for, and a queued request holds the small image, not the large one.
+    Processors without Qwen-VL's dynamic size (`smart_resize`) are left to do their own resizing."""
+    import sys
+
+    processor = getattr(getattr(engine, "processor", None), "image_processor", None)
+    # The size rule of the processor's own module (the PIL and the torchvision backends each define it).
+    smart_resize = getattr(sys.modules.get(type(processor).__module__), "smart_resize", None)
+    size = getattr(processor, "size", None)
+    edges = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
+    if smart_resize is None or not getattr(processor, "do_resize", False) or None in edges:
+        return image
+    height, width = smart_resize(image.height, image.width, factor=processor.patch_size * processor.merge_size,
+                                 min_pixels=edges[0], max_pixels=edges[1])
+    if (width, height) == image.size:
+        return image
+    return image.resize((width, height), resample=processor.resample)
 
 
 def decode_image(image: _PendingImage):

@@ -204,3 +204,18 @@ def test_sampling_settings_that_cannot_work_are_refused(engine, field, value, me
     request = Request(messages=[{"role": "user", "content": "x"}], **{"temperature": 1.0, field: value})
     with pytest.raises(RadscribeError, match=message):
         engine.generate([request])
+
+
+def test_images_sized_for_the_processor_beforehand_encode_to_the_same_pixels(engine):
+    # The API resizes uploads in the request's thread (radscribe.serve.api.processor_sized); the processor must
+    # then see exactly what it would have made itself from the original.
+    from radscribe.serve.api import processor_sized
+
+    big = _image(7, 1000).resize((1000, 700))
+    sized = processor_sized(engine, big)
+    assert sized.size != big.size and max(sized.size) < 1000  # the tiny processor caps at 768x768 pixels
+    assert processor_sized(engine, sized) is sized  # already the processor's size: left alone
+    original = engine._encode([_user("q", big)])
+    presized = engine._encode([_user("q", sized)])
+    for key in original:
+        assert torch.equal(original[key], presized[key]), key
