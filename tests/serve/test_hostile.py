@@ -248,7 +248,7 @@ def test_abandoned_requests_are_cancelled_running_or_queued():
 
 def test_a_full_queue_answers_429_with_retry_after_and_health_says_saturated():
     engine = HoldingEngine()
-    cfg = ServeConfig(max_batch=1, max_queue=2, max_queue_per_client=2)
+    cfg = ServeConfig(max_batch=1, max_queue=2, max_queue_per_client=8)  # the queue bound alone
     with serve_in_thread(create_app(engine, cfg)) as url:
         results: dict = {}
         threads = [fire(url, "generating", results)]
@@ -259,6 +259,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_health_says_saturated():
         assert health["status"] == "saturated" and health["saturated"] and health["generating"] == 1
         reply = httpx.post(url + CHAT, json={"messages": [user("one too many")]})
         assert reply.status_code == 429 and reply.json()["error"]["code"] == "queue_full"
+        assert "the queue is full (2 requests waiting)" in reply.json()["error"]["message"]
         assert 1 <= int(reply.headers["retry-after"]) <= 60
         engine.release.set()
         for t in threads:
