@@ -44,10 +44,11 @@ def images(n: int) -> list[str]:
 
 
 def start_server(model_dir: Path, port: int, max_batch: int, wait_ms: float, threads: int,
-                 device: str = "cpu") -> subprocess.Popen:
+                 device: str = "cpu", extra: list[str] = ()) -> subprocess.Popen:
+    """`radscribe serve` (plus `extra` flags) as a subprocess, once its /health answers (also bench/serve_hostile.py)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     cmd = [sys.executable, "-m", "radscribe.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--device", device, "--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms)]
+           "--device", device, "--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

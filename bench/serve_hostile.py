@@ -22,13 +22,10 @@ import json
 import os
 import platform
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the hostile inputs are built by the same code the tests use
 
 from hostile_inputs import ct_dataset, deflate_bomb, non_numeric_dicom  # noqa: E402
+from serve import start_server  # noqa: E402 - bench/serve.py, beside this script
 
 SECTION = "## Under attack (`python bench/serve_hostile.py`)"
 PROMPT = "图片中的诊断结果是怎样?"
@@ -95,24 +93,6 @@ def encapsulated_bomb(kind: str) -> bytes:
 
 
 # --- the server ------------------------------------------------------------------------------------------------
-def start_server(model_dir: Path, port: int, allow_folder: Path, threads: int) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
-    cmd = [sys.executable, "-m", "radscribe.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--device", "cpu", "--allow-folder", str(allow_folder)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not come up in 180 s")
-
-
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -198,12 +178,17 @@ def honest_load(base: str, clients: int, duration: float, max_tokens: int, image
                 (errors.append(problem) if problem else latencies.append(elapsed))
         http.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    run_all(client, clients)
+    return {"latencies": latencies, "errors": errors}
+
+
+def run_all(target, n: int) -> None:
+    """target(0) ... target(n - 1) in n threads; returns when all have."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"latencies": latencies, "errors": errors}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -386,11 +371,7 @@ def attack_load(attacks: Attacks, attackers: int, duration: float) -> dict:
             run(name, call, http)
         http.close()
 
-    threads = [threading.Thread(target=attacker, args=(i,)) for i in range(attackers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_all(attacker, attackers)
     for lock_ in background.values():  # let the slow ones finish (bounded by the server's own timeouts)
         lock_.acquire(timeout=40)
     return {"results": results, "slowest": slowest}
@@ -422,7 +403,7 @@ def main() -> None:
         (outside / "x.png").write_bytes(png_bytes(56, 56, 3))  # the secret: another size than the inside one
         base = f"http://127.0.0.1:{args.port}"
         attacks = Attacks(base, allowed)
-        proc = start_server(model_dir, args.port, allowed, args.threads)
+        proc = start_server(model_dir, args.port, 8, 5.0, args.threads, extra=["--allow-folder", str(allowed)])
         stop_swap = threading.Event()
         swapper = threading.Thread(target=swap_forever, args=(allowed, outside, stop_swap), daemon=True)
         swapper.start()

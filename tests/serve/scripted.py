@@ -82,3 +82,12 @@ def healthy(url):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [user("ping")]})
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "report no-image for ping"
+
+
+def allowed_folder(tmp_path):
+    """tmp_path/images/ok.png (12x8) inside the folder to allow, tmp_path/secret.png (13x9) outside it."""
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "ok.png").write_bytes(png((12, 8)))
+    (tmp_path / "secret.png").write_bytes(png((13, 9)))
+    return allowed

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from scripted import ScriptedEngine, ct_small, healthy, png, user
+from scripted import ScriptedEngine, allowed_folder, ct_small, healthy, png, user
 
 from radscribe.data.imaging import load_image
 from radscribe.serve.api import ServeConfig, create_app, data_uri, serve_in_thread
@@ -178,10 +178,7 @@ def test_unknown_paths_and_methods_are_json_errors(scripted):
 
 
 def test_allow_listed_hosts_still_refuse_private_and_loopback_addresses(tmp_path):
-    allowed = tmp_path / "images"
-    allowed.mkdir()
-    (allowed / "ok.png").write_bytes(png((12, 8)))
-    (tmp_path / "secret.png").write_bytes(png((13, 9)))
+    allowed = allowed_folder(tmp_path)
     cfg = ServeConfig(images=ImagePolicy(allow_hosts=["127.0.0.1", "localhost", "10.0.0.1"], allow_folder=allowed))
     with serve_in_thread(create_app(ScriptedEngine(), cfg)) as url:
         for target in ("http://127.0.0.1:1/x.png", "http://localhost/x.png", "https://10.0.0.1/x.png",

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from hostile_inputs import deflate_bomb, non_numeric_dicom
 from PIL import Image
-from scripted import ScriptedEngine, ct_small, healthy, png, user
+from scripted import ScriptedEngine, allowed_folder, healthy, png, user
 
 from radscribe.cli import main
 from radscribe.serve.api import ServeConfig, bind, create_app, data_uri, serve_in_thread
@@ -94,10 +94,7 @@ def test_each_hostile_class_is_one_clear_4xx_and_the_server_stays_up(scripted, n
 
 
 def test_a_nul_in_an_allow_folder_path_is_400_and_links_are_not_followed(tmp_path):
-    allowed = tmp_path / "images"
-    allowed.mkdir()
-    (allowed / "ok.png").write_bytes(png((12, 8)))
-    (tmp_path / "secret.png").write_bytes(png((13, 9)))
+    allowed = allowed_folder(tmp_path)
     (allowed / "link.png").symlink_to(tmp_path / "secret.png")
     cfg = ServeConfig(images=ImagePolicy(allow_folder=allowed))
     with serve_in_thread(create_app(ScriptedEngine(), cfg)) as url:
