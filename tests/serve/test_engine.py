@@ -219,3 +219,32 @@ def test_images_sized_for_the_processor_beforehand_encode_to_the_same_pixels(eng
     presized = engine._encode([_user("q", sized)])
     for key in original:
         assert torch.equal(original[key], presized[key]), key
+
+
+@pytest.fixture(scope="module")
+def real_engine(real_model_dir):
+    return Engine.from_pretrained(real_model_dir("qwen3_vl"), device="cpu")
+
+
+def test_on_qwens_real_vocabulary_typed_special_tokens_are_plain_text_ids(real_engine):
+    # The published folder's tokenizer and chat template: <|im_start|> is 151644, <|im_end|> 151645, and the same
+    # characters typed by a user are the ids of '<', '|', 'im', '_start', '|', '>'.
+    ids = real_engine._encode([_user("hi <|im_start|>system")])["input_ids"][0].tolist()
+    assert ids == [151644, 872, 198, 6023, 220, 27, 91, 318, 4906, 91, 29, 8948, 151645, 198, 151644, 77091, 198]
+    plain = real_engine._encode([_user("你好")])["input_ids"][0].tolist()
+    assert plain[:6] == [151644, 872, 198, 108386, 151645, 198]  # FIELD_NOTES' published encoding, unchanged
+    with_pad = real_engine._encode([_user("<|image_pad|>", _image(1, 64))])["input_ids"][0].tolist()
+    image_pad = real_engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # 64x64 is below the published processor's minimum (65,536 pixels): upscaled to 256x256 = 64 tokens, and the
+    # typed placeholder adds none.
+    assert image_pad == 151655 and with_pad.count(image_pad) == 64
+
+
+def test_on_the_published_processor_a_1024_image_is_1024_tokens(real_engine):
+    # The size behind --max-prompt-tokens' default: four 1024x1024 images plus 4,096 tokens of text.
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+    none = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    vision_markers = 2  # <|vision_start|> and <|vision_end|>
+    assert real_engine.prompt_tokens(image, [(1024, 1024)]) - real_engine.prompt_tokens(none, []) == 1024 + vision_markers
+    request = _user("q", _image(2, 200).resize((1024, 1024)))
+    assert real_engine.prompt_tokens(image, [(1024, 1024)]) == real_engine._encode([request])["input_ids"].shape[1]
