@@ -187,10 +187,12 @@ class HoldingEngine(ScriptedEngine):
         self.release = threading.Event()
         self.cancelled_seen: list[str] = []
         self.started: list[str] = []
+        self.groups: list[list[str]] = []
 
     def complete(self, requests):
         texts = [r.messages[-1]["content"][-1]["text"] for r in requests]
         self.started.extend(texts)
+        self.groups.append(texts)
         deadline = time.monotonic() + 20
         while not self.release.is_set() and time.monotonic() < deadline:
             if all(r.cancel.is_set() for r in requests):
@@ -306,6 +308,21 @@ def test_a_flooding_client_waits_behind_its_own_requests_not_everyone_elses():
             t.join()
     # Round-robin by address: the other client's one request goes after one more of the flood's, not all four.
     assert engine.started == ["a1", "a2", "b1", "a3", "a4", "a5"]
+
+
+def test_a_long_prompt_is_not_batched_with_short_ones():
+    # Left padding would make every short row as long as the long one: it waits for a group of its own length.
+    engine = HoldingEngine()
+    with serve_in_thread(create_app(engine, ServeConfig(max_batch=8, batch_wait_ms=50))) as url:
+        threads = [fire(url, "first")]
+        assert wait_for(lambda: engine.started == ["first"])
+        for i, text in enumerate(["short 1", "long " + "w " * 400, "short 2", "short 3"]):
+            threads.append(fire(url, text))
+            assert wait_for(lambda: httpx.get(url + "/health").json()["queued"] == i + 1)
+        engine.release.set()
+        for t in threads:
+            t.join()
+    assert engine.groups[1] == ["short 1", "short 2", "short 3"] and engine.groups[2][0].startswith("long")
 
 
 def test_requests_in_flight_are_capped_with_503():
