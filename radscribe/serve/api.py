@@ -209,27 +209,51 @@ class Ticket:
 
 
 class FairQueue:
-    """Jobs served round-robin across client addresses, first-in first-out within one client: a client that
-    floods the queue waits behind its own requests, not in front of everyone else's (`get` mimics queue.Queue)."""
+    """Waiting jobs served fairly across client addresses, by the prompt tokens each has had served (weighted fair
+    queuing; first in, first out within one client): the client served least goes next, so a host that floods the
+    queue, or sends one 2,000-token upload after another, waits behind its own work, not in front of everyone
+    else's. A client joining the queue starts level with the least-served one waiting: idle time earns no credit,
+    work already done is not forgotten. `get` mimics queue.Queue."""
 
     def __init__(self):
         self._by_client: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._served: dict[str, int] = {}
+        self._clock = 0  # the served count of the last client to go: where a client coming back starts at least
         self._ready = threading.Condition()
 
-    def put(self, job, client: str = "") -> None:
+    def put(self, job, client: str = "", cost: int = 1) -> None:
         with self._ready:
-            self._by_client.setdefault(client, collections.deque()).append(job)
+            if client not in self._by_client:
+                self._served[client] = max(self._served.get(client, 0), self._level())
+            self._by_client.setdefault(client, collections.deque()).append((job, max(1, cost)))
             self._ready.notify()
 
-    def get(self, timeout: float | None = None):
+    def get(self, timeout: float | None = None, accept=None):
+        """The next job due; with `accept`, the next due one it takes (the others keep their places)."""
         with self._ready:
-            if not self._ready.wait_for(lambda: self._by_client, timeout):
+            if not self._ready.wait_for(lambda: self._first(accept) is not None, timeout):
                 raise queue.Empty
-            client, jobs = self._by_client.popitem(last=False)
-            job = jobs.popleft()
-            if jobs:
-                self._by_client[client] = jobs  # to the back of the round
+            client, index = self._first(accept)
+            jobs = self._by_client[client]
+            job, cost = jobs[index]
+            del jobs[index]
+            if not jobs:
+                del self._by_client[client]
+            self._clock = self._served[client]
+            self._served[client] += cost
+            level = self._level()  # forget whoever is behind the level and not waiting: they would start there
+            self._served = {c: n for c, n in self._served.items() if c in self._by_client or n > level}
             return job
+
+    def _level(self) -> int:
+        return min((self._served[c] for c in self._by_client), default=self._clock)
+
+    def _first(self, accept):
+        for client in sorted(self._by_client, key=self._served.__getitem__):  # stable: ties in arrival order
+            for index, (job, _) in enumerate(self._by_client[client]):
+                if accept is None or accept(job):
+                    return client, index
+        return None
 
     def qsize(self) -> int:
         with self._ready:
@@ -237,8 +261,8 @@ class FairQueue:
 
 
 class Batcher:
-    """One worker thread between the API and the engine: groups plain requests, runs streams one at a time.
-    Waiting requests are taken round-robin across client addresses (`FairQueue`)."""
+    """One worker thread between the API and the engine: groups plain requests of similar prompt length, runs
+    streams one at a time. Waiting requests are taken fairly across client addresses (`FairQueue`)."""
 
     def __init__(self, engine, max_batch: int = 8, wait_ms: float = 5.0):
         self.engine = engine
@@ -251,16 +275,17 @@ class Batcher:
         self._worker = threading.Thread(target=self._run, name="radscribe-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, request, ticket: Ticket | None = None) -> "_Job":
-        """Queue a non-streaming request; `job.future` resolves to the engine's `Generation`."""
-        job = _Job(request, concurrent.futures.Future(), ticket)
-        self._queue.put(job, ticket.client if ticket else "")
+    def submit(self, request, ticket: Ticket | None = None, tokens: int | None = None) -> "_Job":
+        """Queue a non-streaming request (`tokens`: its prompt tokens, if known); `job.future` resolves to the
+        engine's `Generation`."""
+        job = _Job(request, concurrent.futures.Future(), ticket, tokens)
+        self._queue.put(job, ticket.client if ticket else "", tokens or 1)
         return job
 
-    def submit_stream(self, request, push, ticket: Ticket | None = None) -> "_StreamJob":
+    def submit_stream(self, request, push, ticket: Ticket | None = None, tokens: int | None = None) -> "_StreamJob":
         """Queue a streaming request; `push(delta)` is called per text piece, then `push(None)` (or an exception)."""
         job = _StreamJob(request, push, ticket)
-        self._queue.put(job, ticket.client if ticket else "")
+        self._queue.put(job, ticket.client if ticket else "", tokens or 1)
         return job
 
     def retry_after(self, waiting: int) -> int:
@@ -272,10 +297,8 @@ class Batcher:
         self._worker.join(timeout=5)
 
     def _run(self) -> None:
-        held = None
         while True:
-            job = held if held is not None else self._queue.get()
-            held = None
+            job = self._queue.get()
             if job is None:
                 return
             if isinstance(job, _StreamJob):
@@ -287,11 +310,11 @@ class Batcher:
             while len(group) < self.max_batch:
                 try:
                     # Requests that queued while the last group ran are taken at once; then wait out the window.
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    # Only plain requests of a similar prompt length join: left padding makes every row of a
+                    # batch as long as its longest prompt, so a 2,000-token upload would cost its neighbours 10x.
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()),
+                                          accept=lambda other: isinstance(other, _Job) and _similar(job, other))
                 except queue.Empty:
-                    break
-                if not isinstance(nxt, _Job):
-                    held = nxt
                     break
                 group.append(nxt)
             self._run_group(group)
@@ -346,11 +369,20 @@ class Batcher:
             job.request = None
 
 
+def _similar(a: "_Job", b: "_Job") -> bool:
+    """Prompt lengths within 2x of each other (plus a little), or unknown."""
+    if a.tokens is None or b.tokens is None:
+        return True
+    return max(a.tokens, b.tokens) <= 2 * min(a.tokens, b.tokens) + 32
+
+
 @dataclass
 class _Job:
     request: Any
     future: concurrent.futures.Future
     ticket: Ticket | None = None
+    tokens: int | None = None
+    """Prompt tokens, as counted at admission (None: unknown, batches with anything)."""
 
     def finish(self, answer=None, error: BaseException | None = None) -> None:
         self.request = None  # the decoded images go with it, as soon as the answer exists
@@ -448,7 +480,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
         params = _completion_params(body, cfg)
         messages, pending = await run_in_threadpool(_checked_messages, body["messages"], cfg)
         del body  # the parsed JSON holds the base64 images: gone before anything is decoded
-        await run_in_threadpool(_check_prompt_tokens, engine, messages, pending, cfg)
+        tokens = await run_in_threadpool(_check_prompt_tokens, engine, messages, pending, cfg)
         ticket = _admit(request, pending)
         try:
             messages = await run_in_threadpool(_decoded, engine, messages, pending)
@@ -461,10 +493,11 @@ def create_app(engine, cfg: ServeConfig | None = None):
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if params["stream"]:
-            return StreamingResponse(_sse(batcher, gen, ticket, completion_id, created, cfg.model_name, params),
+            return StreamingResponse(_sse(batcher, gen, ticket, tokens, completion_id, created, cfg.model_name,
+                                          params),
                                      media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
         try:
-            job = batcher.submit(gen, ticket)
+            job = batcher.submit(gen, ticket, tokens)
             del gen
             answer = await _answer_or_disconnect(request, job)
         except _ClientGone:
@@ -703,8 +736,9 @@ def _pending_image(url, window, policy: ImagePolicy, param: str) -> _PendingImag
     return _PendingImage(data, window, header.width, header.height, header.pixels, param)
 
 
-def _check_prompt_tokens(engine, messages: list[dict], pending: list[_PendingImage], cfg: ServeConfig) -> None:
-    """Refuse a prompt over `max_prompt_tokens` before any image is decoded (the count needs only image sizes)."""
+def _check_prompt_tokens(engine, messages: list[dict], pending: list[_PendingImage], cfg: ServeConfig) -> int:
+    """The prompt's tokens; a prompt over `max_prompt_tokens` is refused before any image is decoded (the count
+    needs only image sizes)."""
     limit = cfg.max_prompt_tokens
     chars = sum(len(p["text"]) for m in messages for p in m["content"] if p["type"] == "text")
     if chars > limit * engine.max_token_chars:  # so many characters cannot fit in `limit` tokens: don't tokenize
@@ -718,6 +752,7 @@ def _check_prompt_tokens(engine, messages: list[dict], pending: list[_PendingIma
         raise RequestRejected(f"the prompt is {tokens} tokens (images included), over this server's limit of "
                               f"{limit} (--max-prompt-tokens); send fewer or smaller images or less text",
                               param="messages", code="context_length_exceeded")
+    return tokens
 
 
 def _decoded(engine, messages: list[dict], pending: list[_PendingImage]) -> list[dict]:
@@ -787,12 +822,12 @@ def _finish_reason(engine, text: str, max_tokens: int) -> str:
     return "length" if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_tokens else "stop"
 
 
-async def _sse(batcher: Batcher, gen, ticket: Ticket, completion_id: str, created: int, model: str,
+async def _sse(batcher: Batcher, gen, ticket: Ticket, tokens: int, completion_id: str, created: int, model: str,
                params: dict):
     """OpenAI chunk stream: a role chunk, one chunk per text delta, a finish chunk, then `data: [DONE]`."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
-    job = batcher.submit_stream(gen, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d), ticket)
+    job = batcher.submit_stream(gen, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d), ticket, tokens)
     del gen
 
     def chunk(delta: dict, finish: str | None = None) -> str:

@@ -310,6 +310,31 @@ def test_a_flooding_client_waits_behind_its_own_requests_not_everyone_elses():
     assert engine.started == ["a1", "a2", "b1", "a3", "a4", "a5"]
 
 
+def test_a_client_sending_heavy_prompts_waits_behind_its_own_tokens():
+    # Weighted by prompt tokens: after two 400-token requests of one client, another client's three 1-token ones
+    # all go before its third (by request count alone they would alternate).
+    engine = HoldingEngine()
+    heavy = "h " * 400
+    with serve_in_thread(create_app(engine, ServeConfig(max_batch=1))) as url:
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        threads = [fire(url, heavy + "1")]
+        assert wait_for(lambda: len(engine.started) == 1)
+        sends = [(None, heavy + "2"), (None, heavy + "3"), (other, "b1"), (other, "b2"), (other, "b3")]
+        for i, (client, text) in enumerate(sends):
+            if client is None:
+                threads.append(fire(url, text))
+            else:
+                threads.append(threading.Thread(target=lambda c=client, t=text: c.post(
+                    url + CHAT, json={"messages": [user(t)]})))
+                threads[-1].start()
+            assert wait_for(lambda: httpx.get(url + "/health").json()["queued"] == i + 1)
+        engine.release.set()
+        for t in threads:
+            t.join()
+    order = [text[-2:].strip() for text in engine.started]
+    assert order == ["1", "2", "b1", "b2", "b3", "3"], order
+
+
 def test_a_long_prompt_is_not_batched_with_short_ones():
     # Left padding would make every short row as long as the long one: it waits for a group of its own length.
     engine = HoldingEngine()
