@@ -7,9 +7,11 @@ in order: the HTTP guard (radscribe/serve/safety.py `HttpGuard`: Host allow-list
 requests in flight, security headers), a bounded body read, field checks, image checks from headers alone
 (safety.py), the prompt-token cap (counted before any image is decoded), and admission (`Admission`: a bounded
 queue, a share of it per client address, and a budget of decoded pixels); only then are its images decoded by
-the one image loader, `radscribe.data.imaging.load_image` (DICOM is windowed server-side). Non-streaming
-requests go through a `Batcher`: one worker thread takes the first waiting request, gathers whatever else
-arrives within `batch_wait_ms` (up to `max_batch`), and calls `engine.complete` once for the group. Streaming
+the one image loader, `radscribe.data.imaging.load_image` (DICOM is windowed server-side), and sized for the
+model's processor. Non-streaming requests go through a `Batcher`: one worker thread takes the waiting request
+that is due (`FairQueue`: weighted fair queuing by prompt tokens per client address), gathers whatever else of a
+similar prompt length arrives within `batch_wait_ms` (up to `max_batch`), and calls `engine.complete` once for
+the group. Streaming
 requests run on the same worker, one at a time, so the model is never driven by two threads at once. A client
 that goes away cancels its request, queued or generating. Every refusal is an OpenAI-shaped JSON error with a
 4xx status; the server keeps serving after it. docs/serving.md lists every limit and its default.
