@@ -255,7 +255,8 @@ def _base_image(modality: str, organ: str, size: int, body: Anatomy = Anatomy())
     if body == Anatomy() and key in _BASE_CACHE:
         return _BASE_CACHE[key]
     background, tissue, _ = MODALITY_LEVELS[modality]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    # A column and a row that broadcast: the same values as full coordinate grids at a fraction of the work.
+    yy, xx = (grid.astype(np.float32) / size for grid in np.ogrid[0:size, 0:size])
     dx, dy = xx - 0.5 - body.offset[0], yy - 0.5 - body.offset[1]
     shape, a, b = ORGAN_SHAPE[organ]
     a, b = a * body.scale[0], b * body.scale[1]
@@ -265,9 +266,12 @@ def _base_image(modality: str, organ: str, size: int, body: Anatomy = Anatomy())
     img = np.full((size, size), background, np.float32)
     img[mask] = tissue
     for x, y, r, contrast in body.structures:
-        # Soft edge over 1.5 px, as the lesion's.
-        weight = np.clip((r - np.sqrt((xx - x) ** 2 + (yy - y) ** 2)) * size / 1.5 + 0.5, 0.0, 1.0)
-        img += np.where(mask, contrast * weight, 0)
+        # Only the structure's bounding box is computed (each row renders its own anatomy); soft 1.5 px edge.
+        y0, y1 = max(0, int((y - r) * size) - 2), min(size, int((y + r) * size) + 3)
+        x0, x1 = max(0, int((x - r) * size) - 2), min(size, int((x + r) * size) + 3)
+        box = np.s_[y0:y1, x0:x1]
+        weight = np.clip((r - np.sqrt((xx[:, x0:x1] - x) ** 2 + (yy[y0:y1] - y) ** 2)) * size / 1.5 + 0.5, 0.0, 1.0)
+        img[box] += np.where(mask[box], contrast * weight, 0)
     if organ == "brain":  # bright skull ring
         img[(radius > 0.80) & mask] = tissue + 95
     elif organ == "lung":  # horizontal rib bands
