@@ -627,6 +627,11 @@ def test_group_by_similar_resumes_to_identical_output(volumes, tmp_path, monkeyp
     with pytest.raises(Crash):
         prepare(PrepareConfig(out=str(tmp_path / "torn"), **args))
     assert (tmp_path / "torn" / "staged.jsonl.partial").stat().st_size > 0
+    if crash_in == "hashing pass":  # a kill mid-unit leaves bytes past the checkpoint in both staged files
+        with open(tmp_path / "torn" / "staged.jsonl.partial", "ab") as f:
+            f.write(b'{"id": "torn half row')
+        with open(tmp_path / "torn" / "phash.u64.partial", "ab") as f:
+            f.write(b"\x01\x02\x03")
     monkeypatch.undo()
     import gc
 
