@@ -323,7 +323,21 @@ def prepare(cfg: PrepareConfig) -> dict:
     summary = ledger.finish(cfg, deid)
     print(f"{out}: {summary['train']} train, {summary['val']} val, {summary['rejects']} rejected "
           f"of {summary['input_rows']} rows; {summary['images_stored']} images")
+    _warn_if_one_group_dominates(summary)
     return summary
+
+
+def _warn_if_one_group_dominates(summary: dict) -> None:
+    """`similar` joins chains of look-alike images; when they link most of the data into one group, no split
+    near `val_ratio` exists that keeps near-duplicates apart, and the user must hear it (summary.json has the
+    numbers)."""
+    split, kept = summary["split"], summary["train"] + summary["val"]
+    largest = split.get("largest_group_rows", 0)
+    if kept and largest > 0.5 * split["val_ratio"] * kept:
+        print(f"radscribe prepare: warning: --group-by similar joined {largest} of {kept} rows ({largest / kept:.0%}) "
+              f"into one group of images linked within {split['near_threshold']} pHash bits; val holds "
+              f"{split['val_fraction']:.1%} against --val-ratio {split['val_ratio']}. Lower --near-threshold, or "
+              f"group by a patient column or a file-name regex if the data has one", file=sys.stderr, flush=True)
 
 
 def _checked(cfg: PrepareConfig) -> PrepareConfig:

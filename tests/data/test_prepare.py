@@ -569,9 +569,25 @@ def test_group_by_similar_keeps_near_duplicate_slices_on_one_side_so_audit_stric
         by_patient.setdefault(r["id"].split("-s")[0], set()).add(r["group"])
     assert sum(len(g) == 1 for g in by_patient.values()) >= 10  # whole scans kept in one group
 
+    assert "warning" not in capsys.readouterr().err
     # The threshold is a real setting: 0 joins only identical hashes.
     exact = prepared("exact", "--group-by", "similar", "--near-threshold", "0")
     assert json.loads((exact / "summary.json").read_text())["split"]["train_groups"] > split["train_groups"]
+
+
+def test_group_by_similar_says_so_when_one_group_swallows_the_data(tmp_path, capsys):
+    pixels = np.kron((np.random.default_rng(0).random((6, 6)) * 255).astype("uint8"), np.ones((16, 16), "uint8"))
+    copies = []
+    for quality in range(60, 100, 4):  # one picture re-encoded: ten near-duplicates under ten ids
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+        copies.append({"id": f"q{quality}", "image": buf.getvalue()})
+    src = _parquet(tmp_path / "p.parquet", copies)
+    summary = prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "ds"), group_by="similar", workers=1))
+    assert summary["split"]["largest_group_rows"] == 10 and summary["train"] * summary["val"] == 0
+    err = capsys.readouterr().err
+    assert "warning: --group-by similar joined 10 of 10 rows (100%) into one group" in err
+    assert "Lower --near-threshold" in err and err.count("\n") == 1
 
 
 def _undecodable_jpeg() -> bytes:
