@@ -260,7 +260,8 @@ def similar_section(rows: int, size: int, workdir: Path, slices: int = 8) -> lis
         f"image is decoded once to hash it (pHash of the image box-reduced to >= 128 px), which the per-row split's "
         f"structure check never does; then all {similar['summary']['train'] + similar['summary']['val']} accepted rows "
         f"are grouped and written out in a second pass that reads no image. "
-        f"{similar['summary']['split']['rows_in_shared_groups']} rows share a group with at least one other.",
+        f"{similar['summary']['split']['rows_in_shared_groups']} rows share a group with at least one other. "
+        f"Wall times depend on the load stated above; compare the rows with each other.",
         f"The near-pair index alone (multi-index hashing, 5 blocks of 12-13 bits at threshold 4, then union-find) "
         f"on 1,000,000 random hashes: {index_1m_s:.1f} s in this process.",
         "",
