@@ -91,19 +91,19 @@ class PrepareConfig:
     val_ratio: float = 0.1
     """Fraction of rows (or groups) hashed into the validation split."""
     group_by: str | None = None
-    """Keep each group on one side of the split. `patient` or `source`: that parquet column. `similar`:
-    near-duplicate images (pHash within `near_threshold` bits, joined transitively, e.g. the adjacent slices of one
-    scan), for data that names no patients, such as MedTrinity 25M_demo. Anything else: a regex searched in the
-    file name (its first group if it has one, else the whole match). None: each row is its own group.
+    """Keep each group on one side of the split: `patient`/`source` (a column), `similar` (near-duplicate images),
+    or a regex on the file name; None: each row alone. `patient` or `source`: that parquet column. `similar`:
+    images within `near_threshold` pHash bits, joined transitively (e.g. the adjacent slices of one scan), for data
+    that names no patients, such as MedTrinity 25M_demo. A regex is searched in the file name; its first group, if
+    it has one, else the whole match, is the key.
     A grouping that can find nothing (no such column, a column empty in the first rows, a regex that matches none
     of the first file names) is an error before anything is written. A row whose own key is missing (an empty
     `patient`, a file name the regex misses) is rejected as "no group key" (rejects.jsonl names it), never split
     on its own; with `similar`, an image that cannot be decoded to hash is rejected as "undecodable image".
     DICOM/NIfTI rows are always grouped by patient (None or `patient` only)."""
     near_threshold: int | None = None
-    """With `group_by: similar`: the largest pHash Hamming distance (of 64 bits) that joins two images into one
-    group. None: 4, the default of `radscribe audit --near-threshold`, so that audit finds no near pair across the
-    split."""
+    """With `group_by: similar`: the largest pHash Hamming distance (of 64 bits) joining two images (None: 4). 4 is
+    the default of `radscribe audit --near-threshold`, so that audit then finds no near pair across the split."""
     format: Literal["json", "jsonl"] = "json"
     """train/val files as JSON arrays (`train.json`) or JSON lines (`train.jsonl`)."""
     lang: Literal["zh", "en"] = "zh"
