@@ -120,7 +120,7 @@ def cmd_synth(p) -> None:
 
     s = Stage(p, SynthConfig, example="radscribe synth --out data/synth --n 200 --lang en")
     for option in ("--out", "--n", "--seed", "--lang", "--size", "--shard-rows", "--format", "--slices-per-patient",
-                   "--normal-fraction", "--workers"):
+                   "--volumes", "--normal-fraction", "--workers"):
         s.flag(option)
 
     def run(cfg, a):
@@ -137,10 +137,10 @@ def cmd_prepare(p) -> None:
 
     s = Stage(p, PrepareConfig, example="radscribe prepare data/synth --out data/dataset --group-by patient")
     s.flag("inputs")
-    for option in ("--out", "--images", "--val-ratio", "--group-by", "--format", "--lang", "--prompt",
-                   "--prompts-file", "--seed", "--max-pixels", "--verify", "--overwrite", "--workers", "--dicom",
-                   "--nifti", "--reports", "--window", "--slices", "--keep-ids", "--allow-burned-in", "--id-key",
-                   "--key"):
+    for option in ("--out", "--images", "--val-ratio", "--group-by", "--near-threshold", "--format", "--lang",
+                   "--prompt", "--prompts-file", "--seed", "--max-pixels", "--verify", "--overwrite", "--workers",
+                   "--dicom", "--nifti", "--reports", "--window", "--slices", "--keep-ids", "--allow-burned-in",
+                   "--id-key", "--key"):
         s.flag(option)
 
     def run(cfg, a):

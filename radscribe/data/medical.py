@@ -19,7 +19,7 @@ import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import Image
@@ -30,33 +30,8 @@ from radscribe.data.imaging import (NIFTI_EXTRA, is_multi, choose_slices, dicom_
 from radscribe.data.sources import Row
 from radscribe.errors import RadscribeError
 
-
-@dataclass
-class MedicalOptions:
-    """What `radscribe prepare` reads from medical folders and how it turns them into rows."""
-
-    dicom: str | None = None
-    """Folder searched recursively for DICOM files (by the `DICM` preamble or a .dcm suffix)."""
-    nifti: str | None = None
-    """Folder searched recursively for .nii / .nii.gz volumes (needs the `radscribe[nifti]` extra)."""
-    reports: str | None = None
-    """CSV with one report per image/study: a join column (see `id_key`), `report`, and optionally `patient`."""
-    window: str = "auto"
-    """Display window: `auto` (the file's WindowCenter/WindowWidth, else min/max; NIfTI: header cal range, else
-    0.5-99.5 percentiles), `multi` (three CT windows stacked into RGB), or a preset name from
-    `radscribe.data.imaging.WINDOWS` (brain, subdural, stroke, lung, mediastinum, soft_tissue, liver, bone)."""
-    slices: str = "middle"
-    """Which slices of a volume become rows: `middle`, `all`, or `every:N` (every Nth slice)."""
-    keep_ids: bool = False
-    """Keep the source ids (file paths, patient ids) instead of keyed-hash pseudonyms. Only for data with no PHI."""
-    allow_burned_in: bool = False
-    """Accept images whose Burned In Annotation (0028,0301) is YES (PHI may be in the pixels); else reject them."""
-    id_key: str | None = None
-    """CSV column to join reports on: a file path column (relative to the folder), or StudyInstanceUID,
-    SeriesInstanceUID or SOPInstanceUID. None: `file`/`path` if the CSV has one, else the first UID column."""
-    key: str | None = None
-    """Secret for the HMAC-SHA256 pseudonyms. None: env RADSCRIBE_DEID_KEY, else a random key created once in
-    ~/.config/radscribe/deid.key (outside the dataset, so reruns/resume give the same pseudonyms)."""
+if TYPE_CHECKING:  # the options are PrepareConfig's medical fields (documented there)
+    from radscribe.data.prepare import PrepareConfig
 
 
 IDENTIFYING_TAGS = (
@@ -113,7 +88,7 @@ class _Report:
     reject: str | None = None
 
 
-def medical_rows(opts: MedicalOptions, deid: dict) -> Iterator[Row]:
+def medical_rows(opts: PrepareConfig, deid: dict) -> Iterator[Row]:
     """One `Row` per (file, chosen slice), with PNG bytes; rejects for everything unusable. Fills `deid`.
 
     `deid` receives: `dropped_fields` {DICOM keyword or nifti:<field>: files where it was present},
@@ -154,7 +129,7 @@ def medical_rows(opts: MedicalOptions, deid: dict) -> Iterator[Row]:
         yield from _render(report, stack, opts, pseudo)
 
 
-def deid_key(opts: MedicalOptions) -> tuple[bytes, str]:
+def deid_key(opts: PrepareConfig) -> tuple[bytes, str]:
     """The pseudonymisation secret and where it came from (option, env, or the per-user key file)."""
     if opts.key:
         return opts.key.encode("utf-8"), "option key"
@@ -214,7 +189,7 @@ def read_reports(path: str, id_key: str | None) -> tuple[str, list[_Report]]:
     return id_key, reports
 
 
-def _list_volumes(opts: MedicalOptions) -> list[_Volume]:
+def _list_volumes(opts: PrepareConfig) -> list[_Volume]:
     volumes = []
     for folder, kind in ((opts.dicom, "dicom"), (opts.nifti, "nifti")):
         if not folder:
@@ -351,7 +326,7 @@ def _slice_position(vol: _Volume):
 
 
 # --- rows ----------------------------------------------------------------------------------------------------
-def _render(report: _Report, stack: list[tuple[_Volume, int]], opts: MedicalOptions,
+def _render(report: _Report, stack: list[tuple[_Volume, int]], opts: PrepareConfig,
             pseudo: _Pseudonymiser) -> Iterator[Row]:
     chosen = [stack[i] for i in choose_slices(len(stack), opts.slices)] if stack else []
     by_file: dict[int, list[int]] = defaultdict(list)
@@ -402,7 +377,7 @@ def _patient(report: _Report | None, vol: _Volume) -> str:
     return f"file:{vol.rel}"
 
 
-def _source(vol: _Volume, opts: MedicalOptions) -> str:
+def _source(vol: _Volume, opts: PrepareConfig) -> str:
     # File names can carry patient names; unless ids are kept, the ledger names the folder and the position
     # in its sorted listing instead.
     root = opts.dicom if vol.kind == "dicom" else opts.nifti
@@ -414,7 +389,7 @@ def _reason(err: Exception, label: str) -> str:
     return str(err).removeprefix(f"{label}: ")
 
 
-def _file_reject(vol: _Volume, opts: MedicalOptions, pseudo: _Pseudonymiser, reason: str,
+def _file_reject(vol: _Volume, opts: PrepareConfig, pseudo: _Pseudonymiser, reason: str,
                  report: _Report | None = None, group: str | None = None) -> Row:
     return Row(id=_file_id(vol, pseudo), image=None, caption=report.text if report else None, source=_source(vol, opts),
                index=vol.listing_index, group=group, reject=reason)

@@ -31,7 +31,8 @@ class Row:
     index: int
     """The row's position in that file (for the rejects ledger)."""
     group: str | None = None
-    """Group key for the split (patient/source/volume), when the source knows one."""
+    """Group key for the split (patient/source/volume), when the source knows one (`--group-by similar` sets it
+    in `prepare`, from all the images)."""
     truth: dict = field(default_factory=dict)
     """Ground-truth finding fields (synthetic data)."""
     reject: str | None = None
@@ -42,6 +43,13 @@ class Row:
 TRUTH_COLUMNS = ("modality", "organ", "location", "density", "size", "area_pct", "finding")
 DEMO_COLUMNS = ("image", "caption")  # 25M_demo: image struct (bytes + path), id, caption
 FULL_COLUMNS = ("file_name", "caption")  # 25M_full: file_name, caption, source; images in a folder
+GROUP_COLUMNS = ("patient", "source")
+"""`--group-by` values that name a parquet column; `SIMILAR` groups near-duplicate images; anything else is a regex."""
+SIMILAR = "similar"
+NO_GROUP = "no group key"
+"""The reject reason of a row that carries no key for the requested grouping."""
+GROUP_SAMPLE_ROWS = 64
+"""Rows of each file's first row group that `check_grouping` reads before anything is written."""
 
 
 def parquet_files(inputs: str | Path | list) -> list[Path]:
@@ -63,13 +71,6 @@ def parquet_files(inputs: str | Path | list) -> list[Path]:
             raise RadscribeError(f"input {text} holds no .parquet files")
         files.extend(found)
     return files
-
-
-def count_rows(files: list[Path]) -> int:
-    """Total rows from the parquet footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def check_schema(path: Path, images_dir: str | None) -> str:
@@ -180,12 +181,70 @@ def medtrinity_rows(inputs: str | Path | list, images_dir: str | None = None, gr
 
 
 def group_pattern(group_by: str | None) -> re.Pattern | None:
-    if group_by in (None, "", "source", "patient", "id"):
+    """The compiled regex of a `--group-by` that is one; None for no grouping, a column name or `similar`."""
+    if group_by is None or group_by in GROUP_COLUMNS or group_by == SIMILAR:
         return None
+    if not group_by:
+        raise RadscribeError(f"--group-by is empty; give {', '.join(GROUP_COLUMNS)}, {SIMILAR} or a regex on the "
+                             f"file name")
     try:
         return re.compile(group_by)
     except re.error as err:
-        raise RadscribeError(f"--group-by {group_by!r} is neither source/patient nor a valid regex ({err})") from None
+        raise RadscribeError(f"--group-by {group_by!r} is neither {'/'.join(GROUP_COLUMNS)}/{SIMILAR} nor a valid "
+                             f"regex ({err})") from None
+
+
+def check_grouping(units: list[RowGroup], group_by: str | None) -> None:
+    """One line naming what was looked for when `group_by` can find no group in a file: the column is missing, or
+    empty in the file's first rows, or the regex matches none of its first file names. Reads the footers and one
+    small column of each file's first row group, so a silent row-level split never starts."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pattern = group_pattern(group_by)
+    if group_by is None or group_by == SIMILAR:
+        return
+    firsts: dict[str, RowGroup] = {}
+    for unit in units:
+        firsts.setdefault(unit.path, unit)
+    for unit in firsts.values():
+        pf = pq.ParquetFile(unit.path)
+        if pattern is None:
+            names = pf.schema_arrow.names
+            if group_by not in names:
+                raise RadscribeError(f"--group-by {group_by}: {unit.path} has no `{group_by}` column (it has "
+                                     f"{', '.join(names)}); for data that names no patients, such as MedTrinity "
+                                     f"25M_demo, use --group-by {SIMILAR} (near-duplicate images) or a regex on "
+                                     f"the file name")
+            column = group_by
+        elif unit.layout == "full":
+            column = "file_name"
+        elif hasattr(pf.schema_arrow.field("image").type, "get_field_index") and \
+                pf.schema_arrow.field("image").type.get_field_index("path") >= 0:
+            column = "image.path"
+        else:
+            raise RadscribeError(f"--group-by {group_by!r}: {unit.path} stores no file names (its `image` column has "
+                                 f"no `path`) for the regex to search; use --group-by {SIMILAR}")
+        values = pf.read_row_group(unit.group, columns=[column]).column(0)
+        if column == "image.path":
+            values = pc.struct_field(values, "path")
+        sample = [v for v in values.slice(0, GROUP_SAMPLE_ROWS).to_pylist() if v]
+        if pattern is None and not sample:
+            raise RadscribeError(f"--group-by {group_by}: the `{group_by}` column of {unit.path} is empty in its "
+                                 f"first {min(len(values), GROUP_SAMPLE_ROWS)} rows")
+        if pattern is not None and not any(pattern.search(name) for name in sample):
+            seen = f"(e.g. {sample[0]!r})" if sample else "(they are empty)"
+            raise RadscribeError(f"--group-by {group_by!r} matches none of the first "
+                                 f"{min(len(values), GROUP_SAMPLE_ROWS)} file names of {unit.path} {seen}; the "
+                                 f"regex is searched in the file name and its first group (else the whole match) "
+                                 f"is the group")
+
+
+def missing_group(group_by: str) -> str:
+    """The ledger's detail for a row without a group key (reason `NO_GROUP`)."""
+    if group_by in GROUP_COLUMNS:
+        return f"--group-by {group_by}: the row's `{group_by}` is empty"
+    return f"--group-by {group_by!r} does not match the row's file name"
 
 
 def _row(rec: dict, layout: str, source: str, index: int, pattern, group_by, resolver) -> Row:
@@ -200,10 +259,8 @@ def _row(rec: dict, layout: str, source: str, index: int, pattern, group_by, res
         row_id = Path(file_name).stem if file_name else None
     truth = {c: rec[c] for c in TRUTH_COLUMNS if c in rec}
     group = None
-    if group_by == "source":
-        group = rec.get("source")
-    elif group_by == "patient":
-        group = rec.get("patient")
+    if group_by in GROUP_COLUMNS:
+        group = rec.get(group_by) or None
     elif pattern is not None and file_name:
         match = pattern.search(file_name)
         if match:

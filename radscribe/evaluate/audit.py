@@ -4,8 +4,9 @@ Run as: radscribe audit DATASET [--near-threshold 4] [--strict] [--max-rate 0.0]
 
 Four checks, each counted as the number of validation rows it flags:
 - exact: an image byte-identical (sha256) to a training image;
-- near: a perceptual hash (imagehash pHash, 64 bits) within `near_threshold` bits of a training image's — re-encoded,
-  resized or adjacent slices of one volume — exact duplicates excluded;
+- near: a perceptual hash (imagehash pHash, 64 bits; `radscribe.data.similar`) within `near_threshold` bits of a
+  training image's — re-encoded, resized or adjacent slices of one volume — exact duplicates excluded. Pairs are
+  found by multi-index hashing, not by comparing all pairs; `prepare --group-by similar` groups with the same hash;
 - caption: a reference report identical to a training report (whitespace-normalised). Templated captions repeat by
   design, so this one is reported but does not fail `--strict`;
 - group: a group key (patient/volume) present in both splits.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from radscribe.data.dataset import read_split
+from radscribe.data.similar import NEAR_THRESHOLD, image_hash, near_pairs
 from radscribe.errors import RadscribeError
 
 STRICT_CHECKS = ("exact", "near", "group")
@@ -32,7 +34,7 @@ STRICT_CHECKS = ("exact", "near", "group")
 class AuditConfig:
     dataset: str
     """The prepared dataset folder."""
-    near_threshold: int = 4
+    near_threshold: int = NEAR_THRESHOLD
     """Largest pHash Hamming distance (of 64 bits) that counts as a near duplicate."""
     strict: bool = False
     """Fail (exit 2) when the share of validation rows flagged by exact/near/group exceeds `max_rate`."""
@@ -50,6 +52,8 @@ class AuditResult:
     """check -> ids of validation rows it flags."""
     examples: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     """check -> (val id, train id, detail) examples."""
+    ungrouped_rows: int = 0
+    """Rows (train + val) without a group key: the group check cannot see them."""
 
     def rate(self, checks=STRICT_CHECKS) -> float:
         ids = set().union(*(self.flagged.get(c, set()) for c in checks))
@@ -63,6 +67,8 @@ class AuditResult:
             example = self.examples.get(check) or []
             shown = f"{example[0][0]} <-> {example[0][1]} ({example[0][2]})" if example else "-"
             share = len(ids) / self.val_rows if self.val_rows else 0.0
+            if check == "group" and self.ungrouped_rows:
+                shown += f"; {self.ungrouped_rows} of {self.train_rows + self.val_rows} rows have no group key"
             lines.append(f"{check:<8} {len(ids):>8} {share:>8.2%}  {shown}")
         lines.append(f"{'any*':<8} {'':>8} {self.rate():>8.2%}  (* exact, near and group; captions are informational)")
         return "\n".join(lines)
@@ -88,17 +94,15 @@ def audit(cfg: AuditConfig) -> AuditResult:
             if sha in by_sha:
                 _flag(result, cfg, "exact", s.id, by_sha[sha][0], f"sha256 {sha[:12]}")
 
-    # near: pHash Hamming distance, all val x train pairs in chunks (bits as 0/1 matrices, distance by matmul)
-    train_bits, train_owner, train_sha = _bit_matrix(train, hashes)
-    val_bits, val_owner, val_sha = _bit_matrix(val, hashes)
-    if len(train_bits) and len(val_bits):
-        for start in range(0, len(val_bits), 256):
-            chunk = val_bits[start:start + 256]
-            distance = chunk @ (1 - train_bits).T + (1 - chunk) @ train_bits.T
-            for i, j in zip(*np.nonzero(distance <= cfg.near_threshold)):
-                vi = start + i
-                if val_sha[vi] != train_sha[j]:
-                    _flag(result, cfg, "near", val_owner[vi], train_owner[j], f"{int(distance[i, j])} bits")
+    # near: pHash within the threshold, a different file (exact duplicates are counted above)
+    images = [(s, sha, phash) for s in train + val for sha, phash in hashes[id(s)]]
+    first_val = sum(len(hashes[id(s)]) for s in train)
+    i, j, distance = near_pairs(np.array([phash for _, _, phash in images], np.uint64), cfg.near_threshold)
+    across = (i < first_val) & (j >= first_val)  # i < j, and training images come first
+    for ti, vi, d in zip(i[across], j[across], distance[across]):
+        (train_sample, train_sha, _), (val_sample, val_sha, _) = images[ti], images[vi]
+        if val_sha != train_sha:
+            _flag(result, cfg, "near", val_sample.id, train_sample.id, f"{int(d)} bits")
 
     # caption: identical reference reports
     train_reports = {}
@@ -110,6 +114,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
             _flag(result, cfg, "caption", s.id, train_reports[key], key[:30])
 
     # group: shared patient/volume keys
+    result.ungrouped_rows = sum(not s.group for s in train + val)
     train_groups = {}
     for s in train:
         if s.group:
@@ -135,25 +140,10 @@ def _flag(result: AuditResult, cfg: AuditConfig, check: str, val_id: str, train_
     ids.add(val_id)
 
 
-def _image_hashes(path: Path) -> tuple[str, np.ndarray]:
-    import imagehash
-
-    from radscribe.data.imaging import load_image
-
+def _image_hashes(path: Path) -> tuple[str, int]:
     try:
         data = path.read_bytes()
     except OSError as err:
         raise RadscribeError(f"image {path} cannot be read ({err.strerror}); re-run `radscribe prepare`") from None
-    image = load_image(data, name=str(path))  # the one loader: raises RadscribeError naming the file
-    bits = imagehash.phash(image.convert("L")).hash.flatten()
-    return hashlib.sha256(data).hexdigest(), bits.astype(np.float32)
-
-
-def _bit_matrix(samples, hashes) -> tuple[np.ndarray, list[str], list[str]]:
-    rows, owners, shas = [], [], []
-    for s in samples:
-        for sha, bits in hashes[id(s)]:
-            rows.append(bits)
-            owners.append(s.id)
-            shas.append(sha)
-    return (np.stack(rows) if rows else np.zeros((0, 64), np.float32)), owners, shas
+    # Decoded by the one loader, which raises a RadscribeError naming the file.
+    return hashlib.sha256(data).hexdigest(), image_hash(data, name=str(path))

@@ -17,7 +17,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from radscribe.data.imaging import load_image
-from radscribe.data.medical import BURNED_IN_REASON, MedicalOptions, deid_key, medical_rows
+from radscribe.data.medical import BURNED_IN_REASON, deid_key, medical_rows
+from radscribe.data.prepare import PrepareConfig
 from radscribe.errors import RadscribeError
 
 CT = get_testdata_file("CT_small.dcm", download=False)
@@ -46,7 +47,7 @@ def two_files(tmp_path: Path) -> Path:
     return folder
 
 
-def rows_of(opts: MedicalOptions) -> tuple[list, dict]:
+def rows_of(opts: PrepareConfig) -> tuple[list, dict]:
     deid: dict = {}
     return list(medical_rows(opts, deid)), deid
 
@@ -54,7 +55,7 @@ def rows_of(opts: MedicalOptions) -> tuple[list, dict]:
 def test_rows_carry_png_pixels_reports_and_pseudonyms(tmp_path):
     folder = two_files(tmp_path)
     csv = write_csv(tmp_path / "r.csv", "file,report,patient", "a.dcm,CT report,alice-mrn", "b/mr.dcm,MR report,")
-    rows, deid = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))
+    rows, deid = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY))
     assert [r.reject for r in rows] == [None, None]
     ct, mr = rows
     assert (ct.caption, mr.caption) == ("CT report", "MR report")
@@ -78,17 +79,17 @@ def test_rows_carry_png_pixels_reports_and_pseudonyms(tmp_path):
 def test_pseudonyms_are_stable_per_key_and_keep_ids_keeps_them(tmp_path):
     folder = two_files(tmp_path)
     csv = write_csv(tmp_path / "r.csv", "file,report", "a.dcm,x", "b/mr.dcm,y")
-    first = [r.id for r in rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))[0]]
-    again = [r.id for r in rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))[0]]
-    other = [r.id for r in rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key="other"))[0]]
-    kept, deid = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), keep_ids=True))
+    first = [r.id for r in rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY))[0]]
+    again = [r.id for r in rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY))[0]]
+    other = [r.id for r in rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key="other"))[0]]
+    kept, deid = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), keep_ids=True))
     assert first == again and set(first).isdisjoint(other)
     assert [r.id for r in kept] == ["dicom-a.dcm", "dicom-b/mr.dcm"]
     assert kept[0].source == str(folder / "a.dcm") and deid["ids"].startswith("kept")
 
 
 def test_default_key_comes_from_env_then_a_private_key_file(tmp_path, monkeypatch):
-    opts = MedicalOptions()
+    opts = PrepareConfig()
     key, source = deid_key(opts)
     path = tmp_path / "config" / "radscribe" / "deid.key"
     assert source.startswith("user key file") and len(key) == 64 and path.read_text().encode() == key
@@ -96,7 +97,7 @@ def test_default_key_comes_from_env_then_a_private_key_file(tmp_path, monkeypatc
     assert deid_key(opts)[0] == key  # created once, reused: reruns and resumes keep their pseudonyms
     monkeypatch.setenv("RADSCRIBE_DEID_KEY", "from-env")
     assert deid_key(opts) == (b"from-env", "env RADSCRIBE_DEID_KEY")
-    assert deid_key(MedicalOptions(key="given")) == (b"given", "option key")
+    assert deid_key(PrepareConfig(key="given")) == (b"given", "option key")
 
 
 def test_every_input_is_accounted_for(tmp_path):
@@ -105,7 +106,7 @@ def test_every_input_is_accounted_for(tmp_path):
     (folder / "extra.dcm").write_bytes(Path(CT).read_bytes())
     csv = write_csv(tmp_path / "r.csv", "file,report", "a.dcm,ok", "gone.dcm,lost", "b/mr.dcm,", "a.dcm,again",
                     "junk.dcm,bad file")
-    rows, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))
+    rows, _ = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY))
     reasons = sorted(r.reject or "ok" for r in rows)
     assert reasons == sorted([
         "ok",                                                               # a.dcm
@@ -128,10 +129,10 @@ def test_burned_in_annotation_is_rejected_unless_allowed(tmp_path):
     ds.BurnedInAnnotation = "YES"
     ds.save_as(folder / "burned.dcm")
     csv = write_csv(tmp_path / "r.csv", "file,report", "burned.dcm,text")
-    rows, deid = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))
+    rows, deid = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY))
     assert [(r.reject, r.image) for r in rows] == [(BURNED_IN_REASON, None)]
     assert deid["burned_in_annotation"] == "rejected"
-    rows, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY, allow_burned_in=True))
+    rows, _ = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY, allow_burned_in=True))
     assert rows[0].reject is None and rows[0].image
 
 
@@ -156,7 +157,7 @@ def test_series_joined_by_uid_is_one_stack_ordered_by_position(tmp_path, spec, p
     folder, names = series(tmp_path)
     uid = str(pydicom.dcmread(CT).SeriesInstanceUID)
     csv = write_csv(tmp_path / "r.csv", "SeriesInstanceUID,report", f"{uid},one report for the series")
-    rows, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), slices=spec, keep_ids=True))
+    rows, _ = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), slices=spec, keep_ids=True))
     assert sorted(r.id for r in rows) == sorted(f"dicom-{names[i]}" for i in picked)
     assert {r.caption for r in rows} == {"one report for the series"}
 
@@ -165,31 +166,31 @@ def test_join_by_sop_uid_and_an_explicit_id_key(tmp_path):
     folder = two_files(tmp_path)
     uid = str(pydicom.dcmread(MR).SOPInstanceUID)
     csv = write_csv(tmp_path / "r.csv", "accession,SOPInstanceUID,report", f"x,{uid},mr only")
-    rows, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY, id_key="SOPInstanceUID"))
+    rows, _ = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY, id_key="SOPInstanceUID"))
     ok = [r for r in rows if r.reject is None]
     assert len(ok) == 1 and ok[0].caption == "mr only"
     with pytest.raises(RadscribeError, match="'accesion' is not in the header"):
-        rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), id_key="accesion"))
+        rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), id_key="accesion"))
 
 
 def test_csv_and_option_mistakes_are_one_line_errors(tmp_path):
     folder = two_files(tmp_path)
     with pytest.raises(RadscribeError, match="needs --reports|need --reports"):
-        rows_of(MedicalOptions(dicom=str(folder)))
+        rows_of(PrepareConfig(dicom=str(folder)))
     with pytest.raises(RadscribeError, match="no `report` column"):
-        rows_of(MedicalOptions(dicom=str(folder), reports=str(write_csv(tmp_path / "a.csv", "file,text", "a.dcm,x"))))
+        rows_of(PrepareConfig(dicom=str(folder), reports=str(write_csv(tmp_path / "a.csv", "file,text", "a.dcm,x"))))
     with pytest.raises(RadscribeError, match="no join column"):
-        rows_of(MedicalOptions(dicom=str(folder), reports=str(write_csv(tmp_path / "b.csv", "report", "x"))))
+        rows_of(PrepareConfig(dicom=str(folder), reports=str(write_csv(tmp_path / "b.csv", "report", "x"))))
     with pytest.raises(RadscribeError, match="every:N"):
-        rows_of(MedicalOptions(dicom=str(folder), reports=str(tmp_path / "a.csv"), slices="some"))
+        rows_of(PrepareConfig(dicom=str(folder), reports=str(tmp_path / "a.csv"), slices="some"))
     with pytest.raises(RadscribeError, match="does not exist"):
-        rows_of(MedicalOptions(dicom=str(tmp_path / "nope"), reports=str(tmp_path / "a.csv")))
+        rows_of(PrepareConfig(dicom=str(tmp_path / "nope"), reports=str(tmp_path / "a.csv")))
 
 
 def test_hu_window_on_mr_becomes_a_reject_not_a_crash(tmp_path):
     folder = two_files(tmp_path)
     csv = write_csv(tmp_path / "r.csv", "file,report", "a.dcm,ct", "b/mr.dcm,mr")
-    rows, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY, window="lung"))
+    rows, _ = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY, window="lung"))
     assert rows[0].reject is None
     assert rows[1].reject == "window 'lung' is in Hounsfield units but the file is MR; use window auto"
 
@@ -199,7 +200,7 @@ def test_nifti_volume_rows_per_slice(tmp_path):
     folder.mkdir()
     (folder / "fmri.nii.gz").write_bytes(EXAMPLE4D.read_bytes())
     csv = write_csv(tmp_path / "r.csv", "file,report,patient", "fmri.nii.gz,functional,p7")
-    rows, deid = rows_of(MedicalOptions(nifti=str(folder), reports=str(csv), key=KEY, slices="every:8"))
+    rows, deid = rows_of(PrepareConfig(nifti=str(folder), reports=str(csv), key=KEY, slices="every:8"))
     assert [r.reject for r in rows] == [None] * 3
     assert [r.id.rsplit("-", 1)[1] for r in rows] == ["0000", "0008", "0016"]
     assert len({r.group for r in rows}) == 1
@@ -209,7 +210,7 @@ def test_nifti_volume_rows_per_slice(tmp_path):
 def test_no_phi_bytes_in_any_row(tmp_path):
     folder = two_files(tmp_path)
     csv = write_csv(tmp_path / "r.csv", "file,report", "a.dcm,ct", "b/mr.dcm,mr")
-    rows, deid = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY, window="multi"))
+    rows, deid = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY, window="multi"))
     blob = b"".join(r.image or b"" for r in rows) + json.dumps(
         [[r.id, r.source, r.group, r.reject] for r in rows] + [deid]).encode()
     for path in (CT, MR):
@@ -264,10 +265,10 @@ def test_multiframe_dicom_gives_one_row_per_chosen_frame(tmp_path):
     folder.mkdir()
     multiframe_ct(folder / "mf.dcm", frames=5)
     csv = write_csv(tmp_path / "r.csv", "file,report", "mf.dcm,five frames")
-    rows, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY, slices="all"))
+    rows, _ = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY, slices="all"))
     assert [r.id.rsplit("-", 1)[1] for r in rows] == ["0000", "0001", "0002", "0003", "0004"]
     assert len({r.image for r in rows}) == 5 and {r.caption for r in rows} == {"five frames"}
-    middle, _ = rows_of(MedicalOptions(dicom=str(folder), reports=str(csv), key=KEY))
+    middle, _ = rows_of(PrepareConfig(dicom=str(folder), reports=str(csv), key=KEY))
     assert [r.id for r in middle] == [rows[2].id] and middle[0].image == rows[2].image
 
 

@@ -206,7 +206,8 @@ def test_rerun_is_a_noop_and_other_arguments_are_refused(tmp_path, capsys):
 
 
 def test_resume_from_a_torn_checkpoint_gives_identical_output(tmp_path, monkeypatch):
-    """A crash after checkpoint k leaves extra bytes in the partial files and stray images; resume cleans up."""
+    """A crash after checkpoint k leaves extra bytes in the partial files and a half-written image; resume repairs
+    both."""
     src = _planted(tmp_path)
     args = dict(inputs=[str(src)], max_pixels=100 * 100, workers=1, chunk_rows=3)
     prepare(PrepareConfig(out=str(tmp_path / "whole"), **args))
@@ -240,17 +241,21 @@ def test_resume_from_a_torn_checkpoint_gives_identical_output(tmp_path, monkeypa
     assert 0 < rows_done < 18
     with open(out / "train.json.partial", "ab") as f:
         f.write(b'{"id": "torn half row')
-    (out / "images" / ".tmp-999-stray.jpg").write_bytes(b"half")
+    # Images are written in place: a kill mid-write leaves a short file under the final name.
+    unwritten = sorted(set(os.listdir(tmp_path / "whole" / "images")) - set(os.listdir(out / "images")))
+    whole_image = (tmp_path / "whole" / "images" / unwritten[0]).read_bytes()
+    (out / "images" / unwritten[0]).write_bytes(whole_image[: len(whole_image) // 2])
     prepare(PrepareConfig(out=str(out), **args))
     assert _tree(out) == _tree(tmp_path / "whole")
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_gives_identical_checksums(tmp_path):
+@pytest.mark.parametrize("group_by", ["patient", "similar"])
+def test_sigkill_mid_run_then_rerun_gives_identical_checksums(tmp_path, group_by):
     from radscribe.data.synth import synth
 
-    synth(out=str(tmp_path / "synth"), n=2000, size=48, shard_rows=1000)
-    cmd = [sys.executable, "-m", "radscribe.cli", "prepare", str(tmp_path / "synth"), "--group-by", "patient",
+    synth(out=str(tmp_path / "synth"), n=2000, size=48, shard_rows=1000, slices_per_patient=4, volumes=True)
+    cmd = [sys.executable, "-m", "radscribe.cli", "prepare", str(tmp_path / "synth"), "--group-by", group_by,
            "--workers", "2"]
     subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
     out = tmp_path / "killed"
@@ -432,3 +437,220 @@ def test_a_row_split_of_data_with_patients_warns(tmp_path, capsys):
     prepare(PrepareConfig(inputs=[str(s) for s in shards], out=str(tmp_path / "grouped"), group_by="patient",
                           workers=1))
     assert "--group-by" not in capsys.readouterr().err
+
+
+# --- grouping: fail in one line, reject rows without a key, group near-duplicate images ---------------------------
+def _demo_without_patients(path: Path, n: int = 6) -> Path:
+    """MedTrinity 25M_demo's columns only: image (bytes + path), id, caption."""
+    images = [{"bytes": _image(i), "path": f"case{i}.jpg"} for i in range(n)]
+    pq.write_table(pa.table({"image": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                             "id": [f"r{i}" for i in range(n)], "caption": [f"report {i}" for i in range(n)]}),
+                   path, row_group_size=4)
+    return path
+
+
+@pytest.mark.parametrize("group_by, message", [
+    ("patient", "--group-by patient: {src} has no `patient` column (it has image, id, caption); for data that names "
+                "no patients, such as MedTrinity 25M_demo, use --group-by similar"),
+    ("source", "--group-by source: {src} has no `source` column"),
+    (r"(vol\d+)_", r"--group-by '(vol\\d+)_' matches none of the first 4 file names of {src} (e.g. 'case0.jpg')"),
+])
+def test_a_grouping_that_finds_nothing_fails_in_one_line_before_writing(tmp_path, capsys, group_by, message):
+    src = _demo_without_patients(tmp_path / "demo.parquet")
+    out = tmp_path / "ds"
+    assert cli_main(["prepare", str(src), "--out", str(out), "--group-by", group_by, "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("radscribe prepare: error: ")
+    assert message.format(src=src) in err
+    assert not out.exists()
+
+
+def test_an_empty_group_column_or_a_folder_with_medical_rows_fails(tmp_path):
+    src = _parquet(tmp_path / "p.parquet", [{"id": f"r{i}", "image": _image(i), "patient": None} for i in range(5)])
+    with pytest.raises(RadscribeError, match=r"the `patient` column of .*p.parquet is empty in its first 5 rows"):
+        prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "ds"), group_by="patient"))
+    with pytest.raises(RadscribeError, match="DICOM/NIfTI rows are always grouped by patient"):
+        prepare(PrepareConfig(dicom=str(tmp_path), reports="r.csv", out=str(tmp_path / "ds"), group_by="source"))
+    with pytest.raises(RadscribeError, match="--near-threshold applies to --group-by similar only"):
+        prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "ds"), near_threshold=2))
+    with pytest.raises(RadscribeError, match="--group-by is empty"):
+        prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "ds"), group_by=""))
+    assert not (tmp_path / "ds").exists()
+
+
+def test_rows_without_their_group_key_are_rejected_not_split_alone(tmp_path):
+    patients = ["p1", None, "p1", "", "p2", "p2"]
+    src = _parquet(tmp_path / "p.parquet", [{"id": f"r{i}", "image": _image(i), "patient": p}
+                                            for i, p in enumerate(patients)])
+    out = tmp_path / "ds"
+    summary = prepare(PrepareConfig(inputs=[str(src)], out=str(out), group_by="patient", workers=1))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["row"], r["reason"]) for r in rejects] == [("r1", 1, "no group key"), ("r3", 3, "no group key")]
+    assert rejects[0]["detail"] == "--group-by patient: the row's `patient` is empty"
+    assert summary["reasons"] == {"no group key": 2} and summary["input_rows"] == 6
+    assert sorted(r["group"] for r in _rows(out, "train") + _rows(out, "val")) == ["p1", "p1", "p2", "p2"]
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    names = ["vol1_a.jpg", "scout.jpg", "vol1_b.jpg", "vol2_a.jpg"]
+    for i, name in enumerate(names):
+        (images / name).write_bytes(_image(i))
+    meta = tmp_path / "meta.parquet"
+    pq.write_table(pa.table({"file_name": names, "caption": ["c"] * 4, "source": ["s"] * 4}), meta)
+    summary = prepare(PrepareConfig(inputs=[str(meta)], images=str(images), out=str(tmp_path / "full"),
+                                    group_by=r"(vol\d+)_", workers=1))
+    reject = json.loads((tmp_path / "full" / "rejects.jsonl").read_text())
+    assert (reject["id"], reject["reason"]) == ("scout", "no group key")
+    assert reject["detail"] == r"--group-by '(vol\\d+)_' does not match the row's file name"
+    assert summary["split"]["train_groups"] + summary["split"]["val_groups"] == 2
+
+
+def test_a_run_that_fails_before_its_first_row_leaves_nothing_behind(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert cli_main(["prepare", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no input" in err and not out.exists()
+    # Leftovers of a run killed before its first checkpoint (or of an older version that failed like the above)
+    # do not block the next, correct run: it recognises them as its own and starts afresh.
+    src = _parquet(tmp_path / "p.parquet", [{"id": f"r{i}", "image": _image(i)} for i in range(6)])
+    from radscribe.data.prepare import _Ledger
+
+    (out / "images").mkdir(parents=True)
+    stopped = _Ledger(out, "json", fingerprint="an earlier run's")  # checkpointed 0 rows, then "killed":
+    stopped.files["train"].write(b'[\n{"id": "half')
+    (out / "images" / "stray-0123456789ab.jpg").write_bytes(b"x")
+    for f in stopped.files.values():
+        f.close()
+    stopped.db.close()
+    prepare(PrepareConfig(inputs=[str(src)], out=str(out), workers=1))
+    prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "clean"), workers=1))
+    assert _tree(out) == _tree(tmp_path / "clean")
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> Path:
+    """MedTrinity-shaped slices of scans: 25 patients x 6 adjacent slices, each patient its own anatomy."""
+    root = tmp_path_factory.mktemp("volumes")
+    assert cli_main(["synth", "--out", str(root), "--n", "150", "--size", "64", "--slices-per-patient", "6",
+                     "--volumes", "--shard-rows", "75", "--workers", "1"]) == 0
+    return root
+
+
+def test_group_by_similar_keeps_near_duplicate_slices_on_one_side_so_audit_strict_passes(volumes, tmp_path, capsys):
+    from radscribe.evaluate.audit import AuditConfig, audit
+
+    def prepared(name, *extra):
+        assert cli_main(["prepare", str(volumes), "--out", str(tmp_path / name), "--val-ratio", "0.3",
+                         "--workers", "1", *extra]) == 0
+        return tmp_path / name
+
+    by_row = prepared("by-row")
+    leaky = audit(AuditConfig(str(by_row)))
+    assert len(leaky.flagged["near"]) > 0 and leaky.ungrouped_rows == 150
+    assert cli_main(["audit", str(by_row), "--strict"]) == 2
+    assert "150 of 150 rows have no group key" in capsys.readouterr().out
+
+    similar = prepared("similar", "--group-by", "similar")
+    assert cli_main(["audit", str(similar), "--strict"]) == 0
+    clean = audit(AuditConfig(str(similar)))
+    assert not clean.flagged.get("near") and not clean.flagged.get("group") and clean.val_rows > 0
+    rows = _rows(similar, "train") + _rows(similar, "val")
+    summary = json.loads((similar / "summary.json").read_text())
+    assert len(rows) == summary["train"] + summary["val"] == 150 and summary["rejects"] == 0
+    assert all(r["group"].startswith("similar-") and len(r["group"]) == len("similar-") + 16 for r in rows)
+    assert set(rows[0]) == {"id", "messages", "images", "group", "truth"}
+    split = summary["split"]
+    assert split["group_by"] == "similar" and split["near_threshold"] == 4 and split["groups_on_both_sides"] == 0
+    groups = split["train_groups"] + split["val_groups"]
+    # Slices of one scan are joined (fewer groups than rows), different patients mostly are not.
+    assert 25 <= groups < 150 and split["largest_group_rows"] <= 24 and split["rows_in_shared_groups"] > 75
+    by_patient = {}
+    for r in rows:
+        by_patient.setdefault(r["id"].split("-s")[0], set()).add(r["group"])
+    assert sum(len(g) == 1 for g in by_patient.values()) >= 10  # whole scans kept in one group
+
+    assert "warning" not in capsys.readouterr().err
+    # The threshold is a real setting: 0 joins only identical hashes.
+    exact = prepared("exact", "--group-by", "similar", "--near-threshold", "0")
+    assert json.loads((exact / "summary.json").read_text())["split"]["train_groups"] > split["train_groups"]
+
+
+def test_group_by_similar_says_so_when_one_group_swallows_the_data(tmp_path, capsys):
+    pixels = np.kron((np.random.default_rng(0).random((6, 6)) * 255).astype("uint8"), np.ones((16, 16), "uint8"))
+    copies = []
+    for quality in range(60, 100, 4):  # one picture re-encoded: ten near-duplicates under ten ids
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+        copies.append({"id": f"q{quality}", "image": buf.getvalue()})
+    src = _parquet(tmp_path / "p.parquet", copies)
+    summary = prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "ds"), group_by="similar", workers=1))
+    assert summary["split"]["largest_group_rows"] == 10 and summary["train"] * summary["val"] == 0
+    err = capsys.readouterr().err
+    assert "warning: --group-by similar joined 10 of 10 rows (100%) into one group" in err
+    assert "Lower --near-threshold" in err and err.count("\n") == 1
+
+
+def _undecodable_jpeg() -> bytes:
+    """Well-formed markers and an end marker (so `--verify structure` passes), but the scan names Huffman tables
+    that are not defined: libjpeg refuses to decode it."""
+    jpeg = bytearray(_image(200, size=96))
+    sos = jpeg.find(b"\xff\xda")
+    for component in range(jpeg[sos + 4]):
+        jpeg[sos + 6 + 2 * component] = 0x33
+    return bytes(jpeg)
+
+
+def test_group_by_similar_rejects_an_image_it_cannot_decode_to_hash(tmp_path):
+    good = [{"id": f"r{i}", "image": _image(i)} for i in range(4)]
+    src = _parquet(tmp_path / "p.parquet", good + [{"id": "broken", "image": _undecodable_jpeg()}])
+    grouped = prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "similar"), group_by="similar", workers=1))
+    reject = json.loads((tmp_path / "similar" / "rejects.jsonl").read_text())
+    assert (reject["id"], reject["reason"]) == ("broken", "undecodable image") and "broken" in reject["detail"]
+    assert grouped["train"] + grouped["val"] == 4 and len(list((tmp_path / "similar" / "images").iterdir())) == 4
+    assert not (tmp_path / "similar" / "staged.jsonl.partial").exists()
+    assert not (tmp_path / "similar" / "phash.u64.partial").exists()
+    by_row = prepare(PrepareConfig(inputs=[str(src)], out=str(tmp_path / "by-row"), workers=1))
+    assert by_row["train"] + by_row["val"] == 5  # the structure check alone lets it through
+
+
+@pytest.mark.parametrize("crash_in", ["hashing pass", "distribution"])
+def test_group_by_similar_resumes_to_identical_output(volumes, tmp_path, monkeypatch, crash_in):
+    from radscribe.data import prepare as prepare_module
+
+    args = dict(inputs=[str(volumes)], group_by="similar", workers=1, val_ratio=0.3)
+    prepare(PrepareConfig(out=str(tmp_path / "whole"), **args))
+
+    class Crash(BaseException):
+        pass
+
+    real_units, real_place = prepare_module._work_units, prepare_module._Ledger._place
+    placed = []
+
+    def crashing_units(cfg, done):
+        units, total, deid = real_units(cfg, done)
+        return (u if n < 1 else (_ for _ in ()).throw(Crash()) for n, u in enumerate(units)), total, deid
+
+    def crashing_place(self, rec, group, val_ratio):
+        placed.append(rec["id"])
+        if len(placed) == 40:
+            raise Crash()
+        real_place(self, rec, group, val_ratio)
+
+    if crash_in == "hashing pass":
+        monkeypatch.setattr(prepare_module, "_work_units", crashing_units)
+    else:
+        monkeypatch.setattr(prepare_module._Ledger, "_place", crashing_place)
+    with pytest.raises(Crash):
+        prepare(PrepareConfig(out=str(tmp_path / "torn"), **args))
+    assert (tmp_path / "torn" / "staged.jsonl.partial").stat().st_size > 0
+    if crash_in == "hashing pass":  # a kill mid-unit leaves bytes past the checkpoint in both staged files
+        with open(tmp_path / "torn" / "staged.jsonl.partial", "ab") as f:
+            f.write(b'{"id": "torn half row')
+        with open(tmp_path / "torn" / "phash.u64.partial", "ab") as f:
+            f.write(b"\x01\x02\x03")
+    monkeypatch.undo()
+    import gc
+
+    gc.collect()  # the crashed run's SQLite connection goes, as a killed process's would
+    prepare(PrepareConfig(out=str(tmp_path / "torn"), **args))
+    assert _tree(tmp_path / "torn") == _tree(tmp_path / "whole")

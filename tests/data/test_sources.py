@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from radscribe.data.sources import check_schema, count_rows, medtrinity_rows, parquet_files
+from radscribe.data.sources import check_grouping, check_schema, medtrinity_rows, parquet_files, row_groups
 from radscribe.errors import RadscribeError
 
 
@@ -35,7 +35,7 @@ def test_inputs_file_glob_folder_and_missing(tmp_path):
     assert parquet_files(str(a)) == [a]
     assert parquet_files(str(tmp_path / "*.parquet")) == [a]
     assert parquet_files(tmp_path) == [a, b]
-    assert count_rows(parquet_files(tmp_path)) == 5
+    assert sum(unit.num_rows for unit in row_groups(tmp_path)) == 5
     with pytest.raises(RadscribeError, match="does not exist"):
         parquet_files(str(tmp_path / "nope.parquet"))
     with pytest.raises(RadscribeError, match="no .parquet"):
@@ -79,6 +79,20 @@ def test_group_by_source_patient_and_regex(tmp_path):
     assert [r.group for r in medtrinity_rows(tmp_path, group_by=r"vol\d+")] == ["vol000"] * 3 + ["vol001"] * 3
     with pytest.raises(RadscribeError, match="regex"):
         list(medtrinity_rows(tmp_path, group_by="vol(["))
+
+
+def test_check_grouping_passes_what_can_group_and_names_what_cannot(tmp_path):
+    units = row_groups(_demo(tmp_path / "a.parquet", 6))
+    for group_by in (None, "source", r"vol(\d+)_", "similar"):
+        check_grouping(units, group_by)
+    with pytest.raises(RadscribeError, match="a.parquet has no `patient` column"):
+        check_grouping(units, "patient")
+    with pytest.raises(RadscribeError, match=r"matches none of the first 4 file names .*'vol000_slice0.jpg'"):
+        check_grouping(units, r"^scan(\d+)")
+    binary = tmp_path / "bin.parquet"
+    pq.write_table(pa.table({"image": pa.array([_jpeg(1)], pa.binary()), "id": ["a"], "caption": ["x"]}), binary)
+    with pytest.raises(RadscribeError, match="stores no file names"):
+        check_grouping(row_groups(binary), "vol")
 
 
 def test_full_layout_joins_images_folder_and_never_escapes_it(tmp_path):

@@ -58,9 +58,10 @@ def test_schema_is_medtrinity_demo_and_datasets_decodes_images(tmp_path):
     assert len({(r["modality"], r["organ"], r["finding"], r["location"]) for r in ds.select(range(3))}) == 1
 
 
-def test_ground_truth_is_visible_in_the_pixels(tmp_path):
+@pytest.mark.parametrize("volumes", [False, True])
+def test_ground_truth_is_visible_in_the_pixels(tmp_path, volumes):
     size = 96
-    rows = _table(synth(out=str(tmp_path), n=60, size=size, seed=1))
+    rows = _table(synth(out=str(tmp_path), n=60, size=size, seed=1, slices_per_patient=3, volumes=volumes))
     seen = Counter()
     for r in rows:
         grey = np.asarray(Image.open(io.BytesIO(r["image"]["bytes"])))[:, :, 0].astype(float)
@@ -139,3 +140,28 @@ def test_rerun_into_the_same_folder_leaves_no_stale_shards(tmp_path):
     paths = synth(out=str(tmp_path), n=4, size=32, shard_rows=3)
     assert sorted(tmp_path.glob("*.parquet")) == sorted(paths) and len(paths) == 2
     assert len(_table(paths)) == 4
+
+
+def test_volumes_make_adjacent_slices_near_duplicates_and_patients_distinct(tmp_path):
+    from radscribe.data.similar import NEAR_THRESHOLD, image_hash
+
+    def distances(volumes):
+        rows = _table(synth(out=str(tmp_path / str(volumes)), n=160, size=96, slices_per_patient=8,
+                            volumes=volumes))
+        hashes = np.array([image_hash(r["image"]["bytes"], r["id"]) for r in rows], np.uint64)
+        distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+        patient = np.array([r["patient"] for r in rows])
+        same = patient[:, None] == patient[None, :]
+        adjacent = np.diagonal(distance, 1)[patient[1:] == patient[:-1]]
+        upper = np.triu(np.ones_like(same), 1)
+        return adjacent, distance[upper & ~same], rows
+
+    adjacent, across, rows = distances(True)
+    assert np.mean(adjacent <= NEAR_THRESHOLD) > 0.5 and np.median(adjacent) <= NEAR_THRESHOLD
+    assert np.mean(across <= NEAR_THRESHOLD) < 0.002 and np.median(across) > 16
+    # Adjacent slices differ (the anatomy moves), and each patient keeps one ground truth.
+    assert len({r["image"]["bytes"] for r in rows}) == len(rows)
+    for first in range(0, 160, 8):
+        assert len({(r["modality"], r["organ"], r["finding"], r["location"]) for r in rows[first:first + 8]}) == 1
+    _, across_template, _ = distances(False)
+    assert np.sum(across_template <= NEAR_THRESHOLD) > 5 * max(1, np.sum(across <= NEAR_THRESHOLD))

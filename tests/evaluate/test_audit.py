@@ -47,3 +47,12 @@ def test_planted_duplicates_are_flagged(tmp_path, capsys):
     assert main(["audit", str(root), "--strict"]) == 2
     out, err = capsys.readouterr()
     assert "exact           1" in out and "radscribe audit: error:" in err and "\n" not in err.strip()
+
+
+def test_rows_without_a_group_are_counted_not_silently_skipped(tmp_path, capsys):
+    train, val = synth_rows(6, 1), synth_rows(3, 2)
+    for row in train[:2] + val[:1]:
+        row["group"] = None
+    result = audit(AuditConfig(str(write_dataset(tmp_path / "ds", train, val))))
+    assert result.ungrouped_rows == 3
+    assert "3 of 9 rows have no group key" in result.table()
