@@ -49,6 +49,7 @@ def test_each_rank_asks_for_its_own_gpu_and_zero3_loads_without_a_device_map(tin
     import transformers.integrations.deepspeed as hf_deepspeed
 
     from radscribe.model import load
+    from radscribe.train import _build_model
 
     asked = []
 
@@ -59,22 +60,27 @@ def test_each_rank_asks_for_its_own_gpu_and_zero3_loads_without_a_device_map(tin
         asked.append(kwargs)
         raise Stop
 
+    # import what the build needs now: transformers' lazy imports probe CUDA, which is about to be faked
+    from transformers import BitsAndBytesConfig, set_seed  # noqa: F401
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", from_pretrained)
     assert load.placement() == load.Placement("device-map", "cuda:1", {"": "cuda:1"})
-    for quantization in (None, "4bit"):
+    for quantization in (None, "4bit"):  # the training path: radscribe.train's model build
+        cfg = config_from_args(TrainConfig, "recommended", [f"model.quantization={quantization or 'null'}"],
+                               **{"model.path": tiny_model_dir("qwen3_vl")})
         with pytest.raises(Stop):
-            load.load_model(tiny_model_dir("qwen3_vl"), dtype="bf16", quantization=quantization, trainable=True)
+            _build_model(cfg)
     assert [a["device_map"] for a in asked] == [{"": "cuda:1"}, {"": "cuda:1"}]
     assert "quantization_config" not in asked[0] and asked[1]["quantization_config"].load_in_4bit
 
     monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
     assert load.placement().path == "zero3-partitioned"
     with pytest.raises(Stop):
-        load.load_model(tiny_model_dir("qwen3_vl"), dtype="bf16", trainable=True)
+        _build_model(config_from_args(TrainConfig, "reference-z3", [], **{"model.path": tiny_model_dir("qwen3_vl")}))
     assert "device_map" not in asked[2]  # transformers partitions inside zero.Init and refuses a device_map
 
 
