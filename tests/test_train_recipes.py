@@ -132,3 +132,21 @@ def test_recommended_with_expert_lora_trains_a_real_layout_moe_with_checkpointin
         tuned = PeftModel.from_pretrained(model, run.dir / "adapter")
         assert sum(p.abs().sum() for n, p in tuned.named_parameters() if "lora_B" in n and "experts" in n) > 0
         assert not torch.allclose(tuned(**inputs).logits, before, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_gpu_cli_check_smoke_runs_dry_run_train_and_eval(tmp_path):
+    # bench/gpu/train_cli.py is prepared for a lent GPU; its --smoke form (tiny widths, CPU) keeps it from rotting
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "train_cli.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "train_cli_smoke.json").read_text())
+    assert list(result["stages"]) == ["build model", "synth", "prepare", "train --dry-run", "train", "eval"]
+    assert result["steps"] == 3 and result["tokens_per_s"] > 0 and result["plan_total_gb"] > 0
+    assert result["train_peak_host_rss_mib"] > 0 and result["predict_samples_per_second"] > 0
+    assert "| tokens/s | MFU % |" in (tmp_path / "train_cli_smoke.md").read_text()
