@@ -127,7 +127,7 @@ class OptimSection:
     nnodes: int = 1
     """Machines in the run; with more than one, each runs the same command with its own node_rank."""
     node_rank: int = 0
-    """This machine's index, 0 .. nnodes-1; node 0 hosts the rendezvous and writes the run files."""
+    """This machine's index, from 0 to nnodes-1; node 0 hosts the rendezvous and writes the run files."""
     master_addr: str | None = None
     """Host name or address of node 0, reachable from every node (needed with nnodes > 1; one node: 127.0.0.1)."""
     master_port: int | None = None
