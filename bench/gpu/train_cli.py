@@ -19,7 +19,9 @@ is each command's own VmHWM: with the weights read straight onto the GPU it stay
 / the card's dense bf16 peak (H100/H200 SXM 989 TFLOPS; --peak-tflops): the 6N convention of full training, so a
 LoRA step (no frozen-weight gradients) does about 2/3 of what is credited.
 Writes OUT/train_cli.md and OUT/train_cli.json (OUT: --out, else $OUT, else bench/results; smoke: *_smoke.*).
-bench/gpu/train_real_dims.py is the bare training loop (no CLI) with and without expert LoRA.
+Needs radscribe's dependencies with CUDA torch and the `dashscope` wheel (the `[test]` extra: Qwen's real vocabulary
+for the real-layout files); nothing is downloaded from a hub. bench/gpu/train_real_dims.py is the bare training
+loop (no CLI) with and without expert LoRA.
 """
 
 from __future__ import annotations
