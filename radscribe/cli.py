@@ -215,10 +215,28 @@ def cmd_train(p) -> None:
     s.flag("--resume", "output.resume")
     s.flag("--deepspeed", "train.deepspeed")
     s.flag("--nproc", "train.nproc")
+    s.flag("--nnodes", "train.nnodes")
+    s.flag("--node-rank", "train.node_rank")
+    s.flag("--master-addr", "train.master_addr")
+    s.flag("--master-port", "train.master_port")
     p.add_argument("--emit-llamafactory", action="store_true",
                    help="only write OUT/llamafactory.yaml + OUT/dataset_info.json (the same recipe), do not train")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only print the memory plan per GPU (from MODEL/config.json alone; --nproc x --nnodes GPUs), "
+                        "do not load or train")
+    p.add_argument("--gpu-mem", type=float, metavar="GB",
+                   help="with --dry-run: fail when the plan needs more than GB (1e9 bytes) per GPU")
 
     def run(cfg, a):
+        if a.gpu_mem is not None and not a.dry_run:
+            raise RadscribeError("--gpu-mem only applies to the plan: add --dry-run")
+        if a.dry_run and a.emit_llamafactory:
+            raise RadscribeError("--dry-run and --emit-llamafactory each replace training; pass one of them")
+        if a.dry_run:
+            from radscribe.plan import format_plan, plan
+
+            print(format_plan(plan(cfg, gpu_mem_gb=a.gpu_mem), cfg))
+            return
         if a.emit_llamafactory:
             from radscribe.interop.llamafactory import emit_llamafactory
 

@@ -190,7 +190,8 @@ def _train(model: Path, dataset: Path, run: Path, overrides: list[str]) -> Path:
     cfg = load_config(TrainConfig, "recommended", [
         f"model.path={model}", f"data.dataset={dataset}", f"output.dir={run}",
         "train.grad_accum=1", "train.precision=fp32", "train.logging_steps=10", "train.save_steps=100000",
-        "train.eval_steps=null", "data.cutoff_len=512", *overrides,
+        # a tiny model on a CPU has memory to spare: recomputing activations would only slow the demo down
+        "train.eval_steps=null", "data.cutoff_len=512", "train.gradient_checkpointing=false", *overrides,
     ])
     return train(cfg)
 

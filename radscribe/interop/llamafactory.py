@@ -73,7 +73,10 @@ def emit_llamafactory(cfg: TrainConfig) -> Path:
         recipe.update({"quantization_bit": 4, "quantization_method": "bnb"})
     if t.max_steps > 0:
         recipe["max_steps"] = t.max_steps
-    if t.gradient_checkpointing is False:
+    # LLaMA-Factory checkpoints by default, reentrant (use_reentrant_gc: true); ours is non-reentrant
+    if t.gradient_checkpointing:
+        recipe["use_reentrant_gc"] = False
+    else:
         recipe["disable_gradient_checkpointing"] = True
     if t.deepspeed:
         recipe["deepspeed"] = deepspeed_config(t.deepspeed)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from radscribe.errors import RadscribeError
@@ -160,14 +161,46 @@ def _torch_dtype(dtype: str):
     return {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where `load_model` puts the weights, decided before anything is read."""
+
+    path: str
+    """"zero3-partitioned": under DeepSpeed ZeRO-3 transformers loads inside `deepspeed.zero.Init`, so each rank
+    keeps only its 1/world share of every weight and the engine places the shards (a device_map is refused there);
+    "device-map": `from_pretrained(device_map={"": device})`, each shard read straight onto `device`."""
+    device: str
+    """This process's device: `cuda:LOCAL_RANK` under torchrun on GPUs (radscribe.dist), else what was asked."""
+    device_map: dict | None
+    """What `from_pretrained` gets (None under ZeRO-3)."""
+
+
+def placement(device: str | None = None) -> Placement:
+    """How this rank loads: partitioned under ZeRO-3, else straight onto its own device (never a host copy first).
+
+    On a node with several GPUs every rank asks for its local GPU (`{"": "cuda:LOCAL_RANK"}`), so under ZeRO-2 /
+    DDP / QLoRA no rank builds the whole model in host memory and no two ranks share `cuda:0`."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if device is None:
+        from radscribe import dist
+
+        device = dist.device()  # this process's GPU (cuda:LOCAL_RANK) when there is one, else cpu
+    if is_deepspeed_zero3_enabled():
+        return Placement("zero3-partitioned", str(device), None)
+    return Placement("device-map", str(device), {"": str(device)})
+
+
 def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
                quantization: str | None = None, device: str | None = None, trainable: bool = False):
     """Load (model, processor) from a local folder; attach the PEFT adapter at `adapter` (RUN or RUN/adapter).
 
     dtype: "auto" keeps the checkpoint's dtype (bf16 for released models, fp32 for tiny ones).
     quantization: None or "4bit" (bitsandbytes nf4; CPU and GPU). device: "cpu", "cuda", "cuda:1"…; None =
-    this process's GPU when CUDA is available (cuda:LOCAL_RANK under torchrun, radscribe.dist), else cpu. trainable: False returns the model in eval mode with gradients off;
-    True returns it in train mode, prepared for k-bit training when quantised, with an adapter left trainable.
+    this process's GPU when CUDA is available (cuda:LOCAL_RANK under torchrun, radscribe.dist), else cpu; the
+    weights go there as they are read (`placement`). trainable: False returns the model in eval mode with
+    gradients off; True returns it in train mode, its base frozen when quantised (`lora.prepare_qlora_base`),
+    with an adapter left trainable.
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -175,24 +208,16 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     path = check_model_dir(model_dir)
     adapter_dir = resolve_adapter(adapter) if adapter is not None else None
     torch_dtype = _torch_dtype(dtype)
-    if device is None:
-        from radscribe import dist
-
-        device = dist.device()  # this process's GPU (cuda:LOCAL_RANK) when there is one, else cpu
+    where = placement(device)
     compute_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
     if quantization and compute_dtype is None:
-        compute_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        compute_dtype = torch.bfloat16 if where.device.startswith("cuda") else torch.float32
     bnb = quantization_config(quantization, compute_dtype)  # checks bitsandbytes before any loading
     processor = load_processor(path)
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     kwargs = {"dtype": torch_dtype}
-    # Straight onto an accelerator (a 30B checkpoint never sits whole in host memory); under ZeRO-3 transformers
-    # partitions while loading and refuses a device_map, so there the engine places the shards.
-    on_accelerator = not str(device).startswith("cpu")
-    place_while_loading = (bnb is not None or on_accelerator) and not is_deepspeed_zero3_enabled()
-    if place_while_loading:
-        kwargs["device_map"] = {"": device}
+    if where.device_map is not None:
+        kwargs["device_map"] = where.device_map
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         if torch_dtype == "auto":
@@ -202,15 +227,10 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     except (OSError, ValueError, KeyError) as err:
         first_line = (str(err).splitlines() or [""])[0]
         raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {first_line})")
-    if not place_while_loading and not is_deepspeed_zero3_enabled():
-        model.to(device)
     if trainable and bnb is not None:
-        with peft_notices(quantization):
-            from peft import prepare_model_for_kbit_training
+        from radscribe.model.lora import prepare_qlora_base
 
-        # Freezes the base and upcasts its non-quantised weights (norms, vision tower, lm_head) to fp32, as QLoRA
-        # does for stable LoRA updates; gradient checkpointing is the trainer's choice, not the loader's.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_qlora_base(model)
     if adapter_dir is not None:
         with peft_notices(quantization):
             from peft import PeftModel

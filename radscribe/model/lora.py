@@ -12,6 +12,10 @@ module names, not suffixes, because Qwen2.5-VL's vision blocks reuse the languag
 (`mlp.gate_proj`, `mlp.up_proj`, `mlp.down_proj`): a suffix list would silently put LoRA on the tower too.
 MoE experts are fused 3-D parameters, not Linears, so "all" never reaches them; `experts=True` adds them
 through PEFT's `target_parameters`. The router (`mlp.gate`) is not a Linear and is never targeted.
+PEFT cannot apply dropout to a fused parameter (its ParamWrapper refuses `lora_dropout != 0`), so with expert LoRA
+`apply_lora` keeps the dropout on the Linear LoRA modules and 0 on the experts (`_dropout_on_linear_lora`).
+QLoRA (`prepare_qlora_base`) freezes the 4-bit base without PEFT's blanket fp32 upcast, so the unquantised MoE
+experts stay bf16.
 """
 
 from __future__ import annotations
@@ -92,7 +96,11 @@ def build_lora_config(model, rank: int = 8, alpha: int = 16, dropout: float = 0.
                       target: str | list[str] = "all", vision: bool = False, merger: bool = False,
                       experts: bool = False):
     """A peft LoraConfig for `model`: Linear targets as `lora_targets` resolves them, plus the MoE experts
-    through `target_parameters` when `experts=True` (an error on a dense model, where there are none)."""
+    through `target_parameters` when `experts=True` (an error on a dense model, where there are none).
+
+    With experts the config's `lora_dropout` is 0 whatever `dropout` says: PEFT refuses any other value for a
+    fused parameter, at wrapping and again when the saved adapter is reloaded. `apply_lora` puts `dropout` back on
+    the Linear LoRA modules for training."""
     from peft import LoraConfig
 
     modules = lora_targets(model, target, vision=vision, merger=merger)
@@ -101,7 +109,7 @@ def build_lora_config(model, rank: int = 8, alpha: int = 16, dropout: float = 0.
         raise RadscribeError("lora experts: true, but the model has no MoE expert weights "
                              "(use a Qwen3-VL-MoE model, or set lora.experts=false)")
     return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        r=rank, lora_alpha=alpha, lora_dropout=0.0 if params else dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=modules, target_parameters=params or None,
     )
 
@@ -120,7 +128,62 @@ def apply_lora(model, section):
     config = build_lora_config(model, rank=section.rank, alpha=section.alpha, dropout=section.dropout, target=target,
                                vision=section.vision_tower, merger=section.merger, experts=section.experts)
     with peft_notices():
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    if section.experts and section.dropout:
+        count = _dropout_on_linear_lora(peft_model, section.dropout)
+        from radscribe import dist
+
+        dist.print0(f"lora.dropout {section.dropout} on the {count} Linear LoRA modules, 0 on the MoE expert "
+                    "parameters (PEFT cannot apply dropout to a fused parameter); adapter_config.json records "
+                    "lora_dropout 0, which is what reloading it needs", "radscribe train")
+    return peft_model
+
+
+def _dropout_on_linear_lora(peft_model, p: float) -> int:
+    """Give every Linear LoRA module of the (single) adapter an `nn.Dropout(p)`; returns how many.
+
+    PEFT's LoraConfig has one `lora_dropout` for the whole adapter and its ParamWrapper (LoRA on a fused expert
+    parameter) raises for any value but 0, because the input cannot be factored out of the merged delta
+    (peft/tuners/lora/layer.py, ParamWrapper.__init__; rank_pattern/alpha_pattern have no dropout counterpart).
+    The adapter is therefore built with 0 and each Linear LoRA layer's dropout slot -- the `lora_dropout`
+    ModuleDict PEFT itself fills with Identity for p == 0 -- gets the Dropout it would have built for p > 0.
+    """
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLinear):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = torch.nn.Dropout(p=p)
+            count += 1
+    return count
+
+
+def prepare_qlora_base(model):
+    """Freeze a bitsandbytes 4-bit base for LoRA training, keeping every unquantised weight in its loaded dtype.
+
+    This replaces peft's `prepare_model_for_kbit_training`, whose blanket cast of every non-4-bit parameter to fp32
+    is wrong for the MoE: bitsandbytes quantises `nn.Linear` only, so the 3-D fused experts (93 % of
+    Qwen3-VL-30B-A3B) stay unquantised and that cast doubles them (about 116 GB against 58 GB in bf16). Nothing
+    of the frozen base needs fp32 here: the upcast guards fp16 activations against overflow, and bf16 has fp32's
+    exponent range; RMSNorm already computes in fp32 internally; frozen weights receive no updates to lose to
+    rounding; and fp32 norms alone would turn the residual stream fp32 and break the bf16 expert matmuls outside
+    autocast. The LoRA weights are fp32 anyway (PEFT's adapter upcast), and LLaMA-Factory's QLoRA keeps the same
+    default (`upcast_layernorm: false`). Gradient checkpointing's input gradients are the trainer's business
+    (radscribe.train enables them with checkpointing).
+    """
+    model.requires_grad_(False)
+    experts = [p for name, p in model.named_parameters() if ".experts." in name and p.ndim == 3]
+    if experts:
+        from radscribe import dist
+
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in experts})
+        quantised = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+        dist.print0(f"QLoRA: {quantised} Linear layers in 4-bit nf4; the fused MoE experts "
+                    f"({sum(p.numel() for p in experts):,} parameters) stay {'/'.join(dtypes)}, unquantised "
+                    "(bitsandbytes quantises nn.Linear only) and not upcast to fp32", "radscribe")
+    return model
 
 
 def _short(names) -> list[str]:

@@ -145,13 +145,29 @@ def test_qlora_4bit_dense_loads_and_lora_learns_on_cpu(models):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_qlora_4bit_moe_keeps_experts_in_full_precision_and_trains_expert_lora(models):
-    model, processor = load_model(models["qwen3_vl_moe"], quantization="4bit", device="cpu", trainable=True)
+def test_qlora_4bit_moe_keeps_experts_bf16_never_fp32_and_trains_expert_lora(real_model_dir, capsys):
+    # the downloaded MoE is bf16; bitsandbytes quantises nn.Linear only, so the fused experts stay unquantised --
+    # and must stay bf16 (PEFT's prepare_model_for_kbit_training would double them to fp32)
+    import json
+
+    folder = real_model_dir("qwen3_vl_moe")
+    text = json.loads((folder / "config.json").read_text())["text_config"]
+    layers, experts_n, hidden, width = (text["num_hidden_layers"], text["num_experts"], text["hidden_size"],
+                                        text["moe_intermediate_size"])
+    model, processor = load_model(folder, dtype="bf16", quantization="4bit", device="cpu", trainable=True)
     kinds = {name: type(m).__name__ for name, m in model.named_modules()}
     assert kinds[f"{LM}layers.0.self_attn.q_proj"] == "Linear4bit"
     experts = model.model.language_model.layers[0].mlp.experts
-    assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.shape == (4, 96, 64)
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.shape == (experts_n, 2 * width,
+                                                                                          hidden)
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    assert expert_bytes == layers * experts_n * 3 * hidden * width * 2  # bf16, counted from config.json
+    unquantised = [p for p in model.parameters() if type(p).__name__ != "Params4bit"]
+    assert {p.dtype for p in unquantised} == {torch.bfloat16} and not any(p.requires_grad for p in model.parameters())
+    assert "fused MoE experts" in capsys.readouterr().err  # said once, in one line
     peft_model = get_peft_model(model, lora.build_lora_config(model, experts=True))
+    assert experts.gate_up_proj.dtype == torch.bfloat16  # wrapping keeps the base as it is; LoRA itself is fp32
+    assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.float32}
     loss = peft_model(**_batch(processor)).loss
     loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad and ".experts." in n}
