@@ -218,14 +218,17 @@ def pack_batch(features: list[dict], pad_token_id: int, max_len: int, rope_index
     import torch
 
     rows: list[list[dict]] = []
+    room: list[int] = []  # tokens left in each row
     for f in features:
         n = f["input_ids"].shape[-1]
-        row = next((r for r in rows if sum(g["input_ids"].shape[-1] for g in r) + n <= max_len), None)
-        if row is None:
+        k = next((k for k, left in enumerate(room) if n <= left), None)
+        if k is None:
             rows.append([f])
+            room.append(max_len - n)
         else:
-            row.append(f)
-    longest = max(sum(g["input_ids"].shape[-1] for g in r) for r in rows)
+            rows[k].append(f)
+            room[k] -= n
+    longest = max_len - min(room)
     seq_keys = [k for k in SEQUENCE_KEYS if k in features[0] and k != "attention_mask"]
     batch: dict = {k: [] for k in (*seq_keys, "position_ids", "attention_mask")}
     for row in rows:
@@ -240,7 +243,7 @@ def pack_batch(features: list[dict], pad_token_id: int, max_len: int, rope_index
             for key in seq_keys:
                 parts[key].append(labels if key == "labels" else f[key])
             parts["attention_mask"].append(torch.ones(n, dtype=torch.long))
-        pad = longest - sum(t.shape[-1] for t in parts["input_ids"])
+        pad = longest - sum(f["input_ids"].shape[-1] for f in row)
         if pad:
             for key in seq_keys:
                 value = pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
@@ -351,7 +354,7 @@ class RowLedger:
         if err.reason not in self._told:  # once per reason and process; the rest are in the ledger
             self._told.add(err.reason)
             print(f"[radscribe train] rejected {self.split} row {row} ({sample_id}): {err.reason}; every rejected "
-                  f"row is recorded in {self.folder.parent / 'rejects.jsonl'}", file=sys.stderr, flush=True)
+                  f"row is listed in {self.folder.parent / 'rejects.jsonl'} at the end", file=sys.stderr, flush=True)
 
     def read(self) -> tuple:
         """(status bytes, rejected records) of this rank, from its files (the workers' included)."""
