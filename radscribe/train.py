@@ -6,9 +6,10 @@ Run as: radscribe train --config recommended --model MODEL_DIR --data DATASET --
 The memory plan first, nothing loaded: radscribe train --config reference-z2 --model MODEL_DIR --dry-run --nproc 4
 A short run on the tiny model: add train.max_steps=20 data.max_samples=64 (`radscribe train --help` lists fields).
 
-`train(cfg)` reads top to bottom: set_up (run folder, data, model, LoRA, encoding) -> fit (the HF Trainer) ->
-save (adapter or model, processor, summary, loss curve). Encoding lives in radscribe/encode.py, the run log in
-radscribe/runlog.py, rank and device in radscribe/dist.py, the LLaMA-Factory recipe in radscribe/interop/.
+`train(cfg)` reads top to bottom: set_up (run folder, row index, model, LoRA, streaming splits) -> fit (the HF
+Trainer; rows are encoded in its DataLoader workers) -> save (adapter or model, processor, rejects, summary, loss
+curve). Encoding lives in radscribe/encode.py, the run log in radscribe/runlog.py, rank and device in
+radscribe/dist.py, the LLaMA-Factory recipe in radscribe/interop/.
 
 With `--nproc N` (and/or `--nnodes N`) this process re-launches itself through torchrun (`python -m radscribe.train
 RUN/launch_config.yaml` in every worker; `launch_config.nodeR.yaml` per node when there are several); users with their
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,8 +59,9 @@ class DataSection:
     """Images are never downscaled below this, neither by the cap above nor to fit `cutoff_len`."""
     max_samples: int | None = None
     """Use only the first N training rows (quick runs)."""
-    cache_mib: int = 1024
-    """Keep encoded samples (token ids, pixel values) in memory up to this size; the rest are re-encoded on access."""
+    packing: bool = False
+    """Pack each batch's samples into as few rows of at most cutoff_len tokens as fit (never splitting a sample),
+    each sample with its own positions and attention; removes padding, changes no loss (same samples per step)."""
 
 
 @dataclass
@@ -132,8 +133,9 @@ class OptimSection:
     """Host name or address of node 0, reachable from every node (needed with nnodes > 1; one node: 127.0.0.1)."""
     master_port: int | None = None
     """Free TCP port on node 0 for torchrun's rendezvous (needed with nnodes > 1; one node: any free port)."""
-    dataloader_workers: int = 0
-    """DataLoader worker processes for image decoding and encoding."""
+    dataloader_workers: int = 2
+    """DataLoader worker processes that read, decode and encode rows while the model trains (0 = in the training
+    process)."""
 
 
 @dataclass
@@ -190,14 +192,14 @@ class Run:
     described: dict = field(default_factory=dict)
     train_set: object = None
     val_set: object = None
-    rejects: list[dict] = field(default_factory=list)
-    encode_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    first_step_s: float | None = None
 
 
 # --- set-up ------------------------------------------------------------------------------------------------
 def set_up(cfg: TrainConfig) -> Run:
-    """Check the run folder, read the data, start the process group, load and wrap the model, encode."""
-    from radscribe.encode import encode_splits
+    """Check the run folder, index the rows, start the process group, load and wrap the model, stream the splits."""
+    from radscribe.encode import streaming_splits
 
     run = Run(Path(cfg.output.dir))
     if not cfg.model.path or not Path(cfg.model.path).is_dir():
@@ -225,33 +227,25 @@ def set_up(cfg: TrainConfig) -> Run:
 
     run.described = describe(run.model)
     _say_what_trains(cfg, run.described)
-
-    started = time.perf_counter()
-    run.train_set, run.val_set, run.rejects = encode_splits(run.processor, cfg.data, train_rows, val_rows)
-    run.encode_seconds = time.perf_counter() - started
-    if run.rejects:
-        _say(f"rejected {len(run.rejects)} sample(s): {dict(Counter(r['reason'] for r in run.rejects))}")
-    if dist.is_main():
-        with (run.dir / "rejects.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in run.rejects)
+    run.train_set, run.val_set = streaming_splits(run.processor, cfg.data, run.dir, train_rows, val_rows,
+                                                  fresh=not (run.last_checkpoint and cfg.output.resume))
     return run
 
 
-def read_rows(cfg: TrainConfig) -> tuple[list, list]:
-    """The training rows (required) and the validation rows; only a *missing* validation split is skipped."""
-    from radscribe.data.dataset import read_split, split_file
+def read_rows(cfg: TrainConfig) -> tuple:
+    """The training rows (required) and the validation rows, as row indexes (`SplitRows`: offsets, not rows);
+    only a *missing* validation split is skipped."""
+    from radscribe.data.dataset import SplitRows, split_file
 
     if not cfg.data.dataset:
         raise RadscribeError("data.dataset: pass --data DATASET")
-    train_rows = list(read_split(cfg.data.dataset, cfg.data.train_split))
-    if cfg.data.max_samples:
-        train_rows = train_rows[:cfg.data.max_samples]
+    train_rows = SplitRows(cfg.data.dataset, cfg.data.train_split, limit=cfg.data.max_samples or None)
     if not cfg.data.val_split:
         return train_rows, []
     if split_file(cfg.data.dataset, cfg.data.val_split, missing_ok=True) is None:
         _say(f"{cfg.data.dataset} has no {cfg.data.val_split!r} split: training without evaluation")
         return train_rows, []
-    return train_rows, list(read_split(cfg.data.dataset, cfg.data.val_split))
+    return train_rows, SplitRows(cfg.data.dataset, cfg.data.val_split)
 
 
 def resolve_config(cfg: TrainConfig, n_train: int) -> TrainConfig:
@@ -358,25 +352,26 @@ def _training_arguments(cfg: TrainConfig, checkpoints: Path, has_val: bool):
 # --- fit ---------------------------------------------------------------------------------------------------
 def fit(cfg: TrainConfig, run: Run):
     """The HF Trainer loop (resuming from the newest checkpoint with --resume); returns (trainer, result, s)."""
-    from transformers import Trainer
-
-    from radscribe.encode import collate
+    from radscribe.encode import Collator, rope_index_of, trainer_class, worker_error
     from radscribe.quiet import import_deepspeed_quietly
     from radscribe.runlog import RunLog
 
-    pad_id = run.processor.tokenizer.pad_token_id
     if not cfg.train.deepspeed:
         import_deepspeed_quietly()  # the Trainer's set-up imports it (through accelerate) whenever it is installed
-    trainer = Trainer(
-        model=run.model, args=run.args,
-        train_dataset=run.train_set, eval_dataset=run.val_set if run.val_set.samples else None,
-        data_collator=lambda features: collate(features, pad_id),
-        callbacks=[RunLog(run.dir, _samples_per_step(cfg))],
+
+    # the collator runs in the DataLoader workers; packing asks the model for each sample's positions there
+    collator = Collator(run.processor.tokenizer.pad_token_id, cfg.data.cutoff_len if cfg.data.packing else None,
+                        rope_index_of(run.model) if cfg.data.packing else None)
+    trainer = trainer_class()(
+        model=run.model, args=run.args, train_dataset=run.train_set, eval_dataset=run.val_set,
+        data_collator=collator, callbacks=[RunLog(run.dir, _samples_per_step(cfg)), FirstStepClock(run)],
     )
     resume = str(run.last_checkpoint) if (run.last_checkpoint and cfg.output.resume) else None
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
+    except RadscribeError as err:  # raised while a DataLoader worker encoded a row
+        raise worker_error(err) from None
     except KeyboardInterrupt:
         newest = last_checkpoint(run.dir / "checkpoints")
         _say(f"interrupted at step {trainer.state.global_step}; "
@@ -390,24 +385,46 @@ def _samples_per_step(cfg: TrainConfig) -> int:
     return cfg.train.per_device_batch * cfg.train.grad_accum * dist.world_size()
 
 
+class FirstStepClock:
+    """Records seconds from the start of `train` to the end of the first optimizer step (a TrainerCallback by
+    interface, like RunLog)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.run.first_step_s is None:
+            self.run.first_step_s = round(time.perf_counter() - self.run.started, 2)
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
 # --- save --------------------------------------------------------------------------------------------------
 def save(cfg: TrainConfig, run: Run, trainer, result, runtime: float) -> None:
-    """The adapter (or full model) with its processor, train_summary.json (written last) and loss.png."""
+    """The adapter (or full model) with its processor, RUN/rejects.jsonl, train_summary.json (written last) and
+    loss.png."""
+    from radscribe.encode import account
     from radscribe.runlog import loss_summary, plot_loss
 
-    final_eval = trainer.evaluate() if run.val_set.samples else {}
+    final_eval = trainer.evaluate() if run.val_set else {}
     out_dir = run.dir / ("adapter" if cfg.lora.enabled else "model")
     trainer.save_model(str(out_dir))
+    rows = account(run.dir, [s for s in (run.train_set, run.val_set) if s])
+    if rows["rejected"]:
+        _say(f"rejected {rows['rejected']} row(s): {rows['rejected_by_reason']} (RUN/rejects.jsonl)")
     if dist.is_main():
         run.processor.save_pretrained(out_dir)
         d = run.described
         summary = {
             "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-            "train_samples": len(run.train_set.samples), "val_samples": len(run.val_set.samples),
-            "rejected": len(run.rejects), "rejected_by_reason": dict(Counter(r["reason"] for r in run.rejects)),
+            "train_samples": rows["rows"]["train"]["used"], "val_samples": rows["rows"].get("val", {}).get("used", 0),
+            **rows,
             "global_batch": _samples_per_step(cfg), "processes": dist.world_size(),
             "train_loss": result.training_loss, **loss_summary(run.dir), "eval_loss": final_eval.get("eval_loss"),
-            "runtime_s": round(runtime, 2), "encode_s": round(run.encode_seconds, 2),
+            "runtime_s": round(runtime, 2), "first_step_s": run.first_step_s,
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "trainable_parameters": d["trainable_parameters"], "total_parameters": d["total_parameters"],
             "lora_targets": d["lora_modules"], "lora_module_count": d["lora_module_count"],
