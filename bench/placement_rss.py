@@ -43,7 +43,7 @@ def child(args) -> None:
     from radscribe.train import TrainConfig, _build_model, _training_arguments
 
     deepspeed = None if args.stage == "ddp" else args.stage
-    cfg = config_from_args(TrainConfig, None, ["train.precision=bf16", f"train.nproc=2"],
+    cfg = config_from_args(TrainConfig, None, ["train.precision=bf16", "train.nproc=2"],
                            **{"model.path": args.model, "output.dir": args.work, "train.deepspeed": deepspeed})
     dist.init_process_group(deepspeed=bool(deepspeed))
     # kept alive, as set-up keeps it: under ZeRO-3 it is what makes from_pretrained load partitioned

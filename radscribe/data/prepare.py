@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from radscribe.data.sources import NO_GROUP, SIMILAR, Row
+from radscribe.data.sources import NO_GROUP, SIMILAR, Row, RowGroup
 from radscribe.errors import RadscribeError
 
 IMAGE_TOKEN = "<image>"
@@ -193,7 +193,7 @@ def _decode_failure(err: Exception) -> str:
     return "truncated image" if isinstance(err, EOFError) or "truncat" in str(err).lower() else "undecodable image"
 
 
-def _process_unit(unit: "RowGroup | list[Row]", images_dir: str, max_pixels: int, decode: bool,
+def _process_unit(unit: RowGroup | list[Row], images_dir: str, max_pixels: int, decode: bool,
                   source_images: str | None, group_by: str | None) -> list[tuple]:
     """Read one work unit (a parquet row group, or a list of rows), verify and store its images.
 

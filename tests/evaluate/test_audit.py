@@ -8,7 +8,7 @@ from radscribe.cli import main
 from radscribe.errors import RadscribeError
 from radscribe.evaluate.audit import AuditConfig, audit, check_strict
 
-from eval_fixtures import clean_split, write_dataset
+from eval_fixtures import clean_split, synth_rows, write_dataset
 
 
 def test_clean_split_has_no_image_or_group_leak(small_dataset, capsys):
@@ -50,7 +50,7 @@ def test_planted_duplicates_are_flagged(tmp_path, capsys):
 
 
 def test_rows_without_a_group_are_counted_not_silently_skipped(tmp_path, capsys):
-    train, val = synth_rows(6, 1), synth_rows(3, 2)
+    train, val = synth_rows(6, 1, ("left upper", "right upper")), synth_rows(3, 2, ("left lower", "central"))
     for row in train[:2] + val[:1]:
         row["group"] = None
     result = audit(AuditConfig(str(write_dataset(tmp_path / "ds", train, val))))

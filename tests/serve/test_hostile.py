@@ -15,7 +15,6 @@ import time
 import httpx
 import pytest
 from hostile_inputs import deflate_bomb, non_numeric_dicom
-from PIL import Image
 from scripted import ScriptedEngine, allowed_folder, healthy, png, user
 
 from radscribe.cli import main
