@@ -192,6 +192,9 @@ def _model_states(p: Plan, cfg: TrainConfig, frozen_bytes: float) -> None:
     t = p.trainable_parameters
     per_node = cfg.train.nproc
     if p.zero_stage in (2, 3):
+        from radscribe.quiet import import_deepspeed_quietly
+
+        import_deepspeed_quietly()  # its "Setting accelerator to CPU" banner says nothing about a plan
         offload = _offload(cfg.train.deepspeed, "offload_optimizer")
         if p.zero_stage == 2:
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs

@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 from radscribe.quiet import _CpuAcceleratorBanner, peft_notices
+
+ASSETS = Path(__file__).parent / "assets"
 
 
 def _radscribe(*args, cwd):
@@ -26,6 +29,15 @@ def test_tiny_model_train_and_eval_print_no_warning(tiny_model_dir, tiny_dataset
                       "train.eval_steps=null", "data.val_split=null", "data.max_samples=8", cwd=tmp_path) == []
     assert _radscribe("eval", "--model", tiny_model_dir("qwen3_vl"), "--adapter", run, "--data", tiny_dataset,
                       "--limit", "2", "--max-new-tokens", "4", "--n-boot", "10", cwd=tmp_path) == []
+
+
+def test_dry_run_plan_with_deepspeed_prints_no_warning(tmp_path):
+    # the plan imports DeepSpeed's ZeRO estimators, which brought its CPU-accelerator banner with them
+    model = tmp_path / "a3b"
+    model.mkdir()
+    (model / "config.json").write_bytes((ASSETS / "qwen3_vl_30b_a3b_instruct_config.json").read_bytes())
+    assert _radscribe("train", "--config", "reference-z2", "--model", model, "--dry-run", "--nproc", "4",
+                      cwd=tmp_path) == []
 
 
 class _Records(logging.Handler):
