@@ -253,10 +253,12 @@ def cmd_train(p) -> None:
 def cmd_eval(p) -> None:
     from radscribe.evaluate.predict import EvalConfig
 
-    s = Stage(p, EvalConfig, example="radscribe eval --model M --adapter runs/r --data data/dataset --limit 16")
+    s = Stage(p, EvalConfig, example="radscribe eval --model M --adapter runs/r --data data/dataset --limit 16\n"
+              "  radscribe eval --endpoint http://127.0.0.1:8000/v1 --data data/dataset --out evals/served "
+              "--concurrency 4")
     for option in ("--model", "--adapter", "--data", "--split", "--batch-size", "--max-new-tokens", "--limit",
                    "--ablate", "--out", "--temperature", "--top-p", "--seed", "--n-boot", "--workers",
-                   "--overwrite"):
+                   "--overwrite", "--endpoint", "--endpoint-model", "--concurrency", "--api-key-env"):
         s.flag(option)
     s.flag("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
 
