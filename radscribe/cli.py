@@ -94,8 +94,9 @@ class Stage:
             value = getattr(a, dest)
             if value is not None and value != []:
                 flags[field] = convert(value) if convert else value
+        # The fields the command line sets (a backend that cannot honour one refuses it, even at its default).
+        a.given_fields = given = set(flags) | {t.split("=")[0] for t in overrides}
         if not a.config:  # name the flag of a required field left out (the loader would name only the field)
-            given = set(flags) | {t.split("=")[0] for t in overrides}
             for option, _, field, _ in self.flags:
                 if field not in given and self._required(field):
                     raise RadscribeError(f"{option} is required ({field})")
@@ -373,11 +374,7 @@ def cmd_serve(p) -> None:
         if cfg.backend == "vllm":
             from radscribe.serve.vllm import serve_vllm
 
-            if cfg.adapter:
-                raise RadscribeError("--backend vllm serves a merged model: run `radscribe export --model BASE "
-                                     "--adapter RUN OUT` and pass --model OUT (vLLM cannot put LoRA on fused MoE experts)")
-            code = serve_vllm(cfg.model, cfg.host, cfg.port, cfg.model_name, cfg.api_key, cfg.vllm,
-                              allow_hosts=cfg.images.allow_hosts, allow_folder=cfg.images.allow_folder)
+            code = serve_vllm(cfg, given=a.given_fields)  # every option passed on to vLLM or refused there
             if code:
                 raise RadscribeError(f"vLLM exited with status {code}")
             return
