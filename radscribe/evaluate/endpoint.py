@@ -21,14 +21,13 @@ import base64
 import email.utils
 import io
 import json
-import socket
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
 
 from radscribe.errors import RadscribeError
 
@@ -61,7 +60,7 @@ class Endpoint:
         self.model = model or self._only_model()
 
     @classmethod
-    def from_config(cls, cfg) -> "Endpoint":
+    def from_config(cls, cfg) -> Endpoint:
         """From an EvalConfig: the API key is read from the environment variable `cfg.api_key_env` names."""
         import os
 
@@ -175,7 +174,7 @@ class Endpoint:
                 return response.status, response.read().decode("utf-8", "replace"), dict(response.headers)
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode("utf-8", "replace"), dict(err.headers or {})
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise RadscribeError(f"{where}{self.url}{path} gave no answer within {self.timeout_s:g} s "
                                  "(raise request_timeout_s=SECONDS)") from None
         except (urllib.error.URLError, ConnectionError, OSError) as err:

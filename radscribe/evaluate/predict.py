@@ -174,13 +174,16 @@ def _checked(cfg: EvalConfig, engine):
     if not cfg.endpoint:
         if not cfg.model:
             raise RadscribeError("--model is required (model), or --endpoint URL to evaluate through a server")
-        stray = [flag for flag, given in (("--concurrency", cfg.concurrency != 1), ("--api-key-env", cfg.api_key_env),
-                                          ("--endpoint-model", cfg.endpoint_model)) if given]
+        stray = [flag for flag, given in (("--concurrency", cfg.concurrency != EvalConfig.concurrency),
+                                          ("--api-key-env", cfg.api_key_env), ("--endpoint-model", cfg.endpoint_model),
+                                          ("request_timeout_s", cfg.request_timeout_s != EvalConfig.request_timeout_s),
+                                          ("max_retries", cfg.max_retries != EvalConfig.max_retries)) if given]
         if stray:
-            raise RadscribeError(f"{', '.join(stray)} only apply with --endpoint URL")
+            raise RadscribeError(f"{', '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with --endpoint URL")
         return cfg, engine
     stray = [flag for flag, given in (("--model", cfg.model), ("--adapter", cfg.adapter),
-                                      ("--dtype", cfg.dtype != "auto"), ("--batch-size", cfg.batch_size != 8))
+                                      ("--dtype", cfg.dtype != EvalConfig.dtype),
+                                      ("--batch-size", cfg.batch_size != EvalConfig.batch_size))
              if given]
     if stray:
         raise RadscribeError(f"{', '.join(stray)} cannot take effect with --endpoint: the server loads and batches "

@@ -54,10 +54,10 @@ PASSED_ON = {
 }
 """ServeConfig fields and what carries them into vLLM."""
 REFUSED = {
-    "adapter": ("--adapter", "vLLM cannot put LoRA on fused MoE experts: run `radscribe export --model BASE "
-                "--adapter RUN OUT` and pass --model OUT"),
-    "quantization": ("--quantize", "quantize the export instead (`radscribe export --quantize 4bit`); its "
-                     "bitsandbytes config is passed on"),
+    "adapter": ("--adapter", ("vLLM cannot put LoRA on fused MoE experts: run `radscribe export --model BASE "
+                              "--adapter RUN OUT` and pass --model OUT")),
+    "quantization": ("--quantize", ("quantize the export instead (`radscribe export --quantize 4bit`); its "
+                                    "bitsandbytes config is passed on")),
     "allow_origins": ("--allow-origin", "vLLM checks no Host or Origin header"),
     "max_body_bytes": ("--max-body-mb", "vLLM has no request body limit"),
     "max_tokens_limit": ("--max-tokens", "vLLM bounds max_tokens only by --max-model-len"),
@@ -127,8 +127,8 @@ def vllm_launch(cfg, given: set[str] | frozenset = frozenset()) -> tuple[list[st
     for field, twin in TWINS.items():
         if requested(field):
             if requested(twin) and value(cfg, field) != value(cfg, twin):
-                refused.append((f"{field} and {twin}", f"both set vLLM's {PASSED_ON[field]}, to "
-                                f"{value(cfg, field)} and {value(cfg, twin)}: set one"))
+                why = f"both set vLLM's {PASSED_ON[field]}, to {value(cfg, field)} and {value(cfg, twin)}: set one"
+                refused.append((f"{field} and {twin}", why))
             options = dataclasses.replace(options, **{twin.split(".")[1]: value(cfg, field)})
     timeout = cfg.images.fetch_timeout_s
     if timeout != int(timeout):

@@ -215,10 +215,10 @@ def test_a_failed_sample_is_an_error_naming_it_and_nothing_is_dropped(small_data
         assert [r["id"] for line in partial[1:] for r in json.loads(line)["rows"]] == [s.id for s in samples[:3]]
 
         always_busy = Stub(lambda body, n: (503, {"Retry-After": "0"}, {"error": {"message": "busy"}}))
-    with stub_server(always_busy) as url:
-        with pytest.raises(RadscribeError, match=rf"^sample {samples[0].id}: .* answered 503 after 3 attempts: busy$"):
-            evaluate(EvalConfig(data=str(small_dataset), endpoint=url, out=str(tmp_path / "b"), n_boot=20),
-                     engine=Endpoint(url, max_retries=2, sleep=lambda s: None))
+    busy_error = rf"^sample {samples[0].id}: .* answered 503 after 3 attempts: busy$"
+    with stub_server(always_busy) as url, pytest.raises(RadscribeError, match=busy_error):
+        evaluate(EvalConfig(data=str(small_dataset), endpoint=url, out=str(tmp_path / "b"), n_boot=20),
+                 engine=Endpoint(url, max_retries=2, sleep=lambda s: None))
     assert len(always_busy.bodies) == 3
 
 
@@ -256,8 +256,8 @@ def test_rerun_rule_covers_the_endpoint(small_dataset, tmp_path, capsys):
     (["--adapter", "R"], "--adapter cannot take effect with --endpoint"),
     (["--batch-size", "2"], "--batch-size cannot take effect with --endpoint"),
     (["--dtype", "bf16"], "--dtype cannot take effect with --endpoint"),
-    (["--api-key-env", "RADSCRIBE_TEST_UNSET_VAR"], "--api-key-env RADSCRIBE_TEST_UNSET_VAR: that environment "
-                                                    "variable is not set"),
+    (["--api-key-env", "RADSCRIBE_TEST_UNSET_VAR"],
+     "--api-key-env RADSCRIBE_TEST_UNSET_VAR: that environment variable is not set"),
     (["--concurrency", "0"], "--concurrency must be at least 1, got 0"),
 ])
 def test_options_that_cannot_take_effect_with_an_endpoint_are_refused(small_dataset, tmp_path, capsys, extra, message):
@@ -269,8 +269,9 @@ def test_options_that_cannot_take_effect_with_an_endpoint_are_refused(small_data
 
 
 def test_endpoint_only_options_and_bad_urls_are_refused(small_dataset, tmp_path, capsys):
-    for extra, message in ((["--concurrency", "4"], "--concurrency only apply with --endpoint URL"),
-                           (["--api-key-env", "K"], "--api-key-env only apply with --endpoint URL")):
+    for extra, message in ((["--concurrency", "4"], "--concurrency only applies with --endpoint URL"),
+                           (["--api-key-env", "K", "max_retries=2"], "--api-key-env, max_retries only apply with "
+                                                                     "--endpoint URL")):
         assert main(["eval", "--model", "M", "--data", str(small_dataset), "--out", str(tmp_path), *extra]) == 2
         assert message in capsys.readouterr().err
     assert main(["eval", "--data", str(small_dataset), "--out", str(tmp_path)]) == 2
