@@ -378,6 +378,11 @@ def cmd_serve(p) -> None:
             if code:
                 raise RadscribeError(f"vLLM exited with status {code}")
             return
+        from radscribe.serve.vllm import VllmOptions
+
+        if cfg.vllm != VllmOptions() or any(f.startswith("vllm.") for f in a.given_fields):
+            raise RadscribeError("--max-model-len, --gpu-memory-utilization and vllm.* settings only apply with "
+                                 "--backend vllm")
         from radscribe.serve.api import serve
 
         serve(cfg.model, adapter=cfg.adapter, cfg=cfg, dtype=cfg.dtype, quantization=cfg.quantization,

@@ -12,6 +12,7 @@ greedy, `top_p`, `seed`, `max_tokens`) are sent with every request and recorded 
 requests are in flight at once (a bounded pool); 429 and 503 answers are retried after the server's Retry-After
 (exponential back-off when it gives none), up to `max_retries` times. Any other failure stops the eval with an
 error naming the sample: nothing is skipped, and what was answered in order before it is kept for the rerun.
+In predict_results.json a "step" is one request (runtime is the wall time of the whole generation).
 Only the standard library is used (no client package needed to evaluate through a remote server).
 """
 
@@ -118,23 +119,15 @@ class Endpoint:
         try:
             futures = [(index, pool.submit(work, index)) for index in indices]
             last = time.perf_counter()
-            for position, (index, future) in enumerate(futures):
-                try:
-                    answer = future.result()
-                except _Skipped:  # an earlier-started later sample failed: raise that failure
-                    raise next(f.exception() for _, f in futures[position:]
-                               if not isinstance(f.exception(), _Skipped)) from None
+            # The pool starts samples in order, so a failed sample is met here before any sample skipped after it.
+            for index, future in futures:
+                answer = future.result()
                 now = time.perf_counter()
                 yield [index], [answer], now - last
                 last = now
         finally:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def generate(self, requests: list, batch_size: int | None = None) -> list[str]:
-        """Answers in request order (the Engine's interface; `batch_size` is the server's business)."""
-        return [answers[0] for _, answers, _ in
-                self.chunks(lambda i: requests[i], range(len(requests)), lambda i: f"#{i}")]
 
     def complete(self, request, sample_id: str) -> str:
         """One chat completion for an engine Request; retried on 429/503, else an error naming `sample_id`."""

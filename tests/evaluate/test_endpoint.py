@@ -213,6 +213,15 @@ def test_a_failed_sample_is_an_error_naming_it_and_nothing_is_dropped(small_data
         assert not (tmp_path / "val" / "scores.json").exists()
         partial = (tmp_path / "val" / "generated_predictions.partial.jsonl").read_text().splitlines()
         assert [r["id"] for line in partial[1:] for r in json.loads(line)["rows"]] == [s.id for s in samples[:3]]
+        # the server fixed, the rerun sends only the samples not yet answered and writes all of them
+        sent = len(stub.bodies)
+        stub.script = lambda body, n: answer("fixed")
+        assert main(["eval", "--endpoint", url, "--data", str(small_dataset), "--out", str(tmp_path),
+                     "--n-boot", "20"]) == 0
+        assert len(stub.bodies) - sent == len(samples) - 3
+        rows = [json.loads(l) for l in (tmp_path / "val" / "generated_predictions.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == [s.id for s in samples]
+        assert [r["predict"] for r in rows] == ["fine"] * 3 + ["fixed"] * (len(samples) - 3)
 
         always_busy = Stub(lambda body, n: (503, {"Retry-After": "0"}, {"error": {"message": "busy"}}))
     busy_error = rf"^sample {samples[0].id}: .* answered 503 after 3 attempts: busy$"

@@ -8,8 +8,13 @@ import pytest
 
 from radscribe.cli import main
 from radscribe.errors import RadscribeError
-from radscribe.serve.vllm import (NO_DOMAIN, SPECIAL_TOKENS_WARNING, VllmOptions, check_vllm_available,
-                                  vllm_command)
+from radscribe.serve.vllm import (
+    NO_DOMAIN,
+    SPECIAL_TOKENS_WARNING,
+    VllmOptions,
+    check_vllm_available,
+    vllm_command,
+)
 
 
 @pytest.fixture
@@ -184,3 +189,10 @@ def test_every_serve_option_is_classified_for_vllm():
     fields = set(leaves(ServeConfig))
     assert not set(PASSED_ON) & set(REFUSED)
     assert set(PASSED_ON) | set(REFUSED) == fields  # a new serve option must say what vLLM does with it
+
+
+def test_vllm_settings_are_refused_by_the_hf_backend(tmp_path, capsys):
+    for flags in (["--max-model-len", "4096"], ["--gpu-memory-utilization", "0.5"], ["vllm.max_num_seqs=32"]):
+        assert main(["serve", "--model", str(tmp_path), *flags]) == 2  # before any model is loaded
+        assert capsys.readouterr().err.strip() == ("radscribe serve: error: --max-model-len, --gpu-memory-utilization "
+                                                   "and vllm.* settings only apply with --backend vllm")
