@@ -1,7 +1,8 @@
-"""Benchmark of `radscribe eval`: generation throughput by batch size, and metric time for 3,232 predictions.
+"""Benchmark of `radscribe eval`: generation throughput by batch size, locally and through an endpoint, and metric
+time for 3,232 predictions.
 
 Run as: OMP_NUM_THREADS=1 python bench/eval.py [--samples 256] [--size 224] [--max-new-tokens 64]
-        [--batches 1,8,16] [--metric-rows 3232] [--out bench/results/eval.md]
+        [--batches 1,8,16] [--concurrency 1,4] [--metric-rows 3232] [--out bench/results/eval.md]
 
 Generation: a tiny random Qwen3-VL (radscribe.model.tiny, text hidden 64, 2 layers) evaluates `--samples` validation
 rows of a `radscribe synth` + `prepare` dataset through the full eval path (image loading, chat template, left-padded
@@ -9,6 +10,10 @@ batched greedy generation, scoring) at each batch size; samples/s is `predict_sa
 real (224 px -> 49 image tokens). Caveat: a random model seldom emits EOS, so the rows of a batch tend to run to
 `--max-new-tokens` together; a trained model's reports end at different lengths, which wastes part of each batch, so
 real speed-ups from batching are somewhat lower than measured here.
+Endpoint: the same samples through `radscribe eval --endpoint` against a `radscribe serve` subprocess of the same
+model on 127.0.0.1 (`--max-batch 8`, `--batch-wait-ms 5`, OMP_NUM_THREADS=1 in the server), at each `--concurrency`
+(requests in flight); samples/s is again `predict_samples_per_second` (wall time of the whole generation, PNG
+encoding and HTTP included). Client and server share the machine's cores.
 Metrics: BLEU-4/ROUGE (LLaMA-Factory definition), finding extraction and 1,000 bootstrap resamples of every score on
 3,232 synthetic prediction/reference pairs (the reference article's validation size), jieba cache cleared first.
 """
@@ -58,7 +63,44 @@ def bench_generation(args, work: Path) -> list[tuple]:
         reference = reference or predictions
         same = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
         r = scores["predict_results"]
-        rows.append((batch, scores["n"], r["predict_runtime"], r["predict_samples_per_second"], same))
+        rows.append((f"local, batch size {batch}", scores["n"], r["predict_runtime"], r["predict_samples_per_second"],
+                     same))
+    rows += bench_endpoint(args, work, model_dir, reference)
+    return rows
+
+
+def bench_endpoint(args, work: Path, model_dir: Path, reference: list[str]) -> list[tuple]:
+    """The same eval through `radscribe serve` (a subprocess) at each concurrency."""
+    import json
+    import socket
+    import sys
+
+    from radscribe.evaluate.predict import EvalConfig, evaluate
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve import start_server  # bench/serve.py: a `radscribe serve` subprocess, once /health answers
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_server(model_dir, port, max_batch=8, wait_ms=5.0, threads=1)
+    rows = []
+    try:
+        for concurrency in args.concurrency:
+            out = work / f"endpoint-c{concurrency}"
+            cfg = EvalConfig(data=str(work / "ds"), endpoint=f"http://127.0.0.1:{port}/v1", concurrency=concurrency,
+                             limit=args.samples, max_new_tokens=args.max_new_tokens, out=str(out), n_boot=100,
+                             overwrite=True)
+            scores = evaluate(cfg)
+            predictions = [json.loads(l)["predict"] for l in
+                           (out / "val" / "generated_predictions.jsonl").read_text().splitlines()]
+            same = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
+            r = scores["predict_results"]
+            rows.append((f"endpoint (radscribe serve), concurrency {concurrency}", scores["n"], r["predict_runtime"],
+                         r["predict_samples_per_second"], same))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     return rows
 
 
@@ -95,10 +137,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8,16")
+    parser.add_argument("--concurrency", default="1,4", help="endpoint concurrencies to measure")
     parser.add_argument("--metric-rows", type=int, default=3232)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval.md"))
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
     machine = machine_line()
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,10 +155,13 @@ def main() -> None:
              "The machine is shared with other work; the load average says how busy it was.", "",
              f"## Generation: tiny Qwen3-VL, {args.samples} val samples, {args.size} px images, "
              f"greedy, max_new_tokens {args.max_new_tokens}", "",
-             "| batch size | samples | runtime (s) | samples/s | speed-up vs batch 1 | outputs identical to batch 1 |",
-             "|---|---|---|---|---|---|"]
-    for batch, n, runtime, sps, same in generation:
-        lines.append(f"| {batch} | {n} | {runtime:.1f} | {sps:.2f} | {sps / base:.2f}× | {same:.0%} |")
+             "| how | samples | runtime (s) | samples/s | speed-up vs local batch 1 | outputs identical to local "
+             "batch 1 |", "|---|---|---|---|---|---|"]
+    for how, n, runtime, sps, same in generation:
+        lines.append(f"| {how} | {n} | {runtime:.1f} | {sps:.2f} | {sps / base:.2f}× | {same:.0%} |")
+    lines += ["", "Endpoint rows: `radscribe eval --endpoint http://127.0.0.1:PORT/v1 --concurrency N` against "
+              "`radscribe serve --max-batch 8 --batch-wait-ms 5` (a subprocess, 1 thread) of the same model on the "
+              "same machine; the client (image loading, PNG encoding, HTTP) shares the cores with it."]
     lines += ["", f"## Metrics on {args.metric_rows} predictions", "", "| what | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in metric_times]
     lines += ["", "Command: `OMP_NUM_THREADS=1 python bench/eval.py`", ""]

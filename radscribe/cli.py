@@ -94,8 +94,9 @@ class Stage:
             value = getattr(a, dest)
             if value is not None and value != []:
                 flags[field] = convert(value) if convert else value
+        # The fields the command line sets (a backend that cannot honour one refuses it, even at its default).
+        a.given_fields = given = set(flags) | {t.split("=")[0] for t in overrides}
         if not a.config:  # name the flag of a required field left out (the loader would name only the field)
-            given = set(flags) | {t.split("=")[0] for t in overrides}
             for option, _, field, _ in self.flags:
                 if field not in given and self._required(field):
                     raise RadscribeError(f"{option} is required ({field})")
@@ -253,10 +254,12 @@ def cmd_train(p) -> None:
 def cmd_eval(p) -> None:
     from radscribe.evaluate.predict import EvalConfig
 
-    s = Stage(p, EvalConfig, example="radscribe eval --model M --adapter runs/r --data data/dataset --limit 16")
+    s = Stage(p, EvalConfig, example="radscribe eval --model M --adapter runs/r --data data/dataset --limit 16\n"
+              "  radscribe eval --endpoint http://127.0.0.1:8000/v1 --data data/dataset --out evals/served "
+              "--concurrency 4")
     for option in ("--model", "--adapter", "--data", "--split", "--batch-size", "--max-new-tokens", "--limit",
                    "--ablate", "--out", "--temperature", "--top-p", "--seed", "--n-boot", "--workers",
-                   "--overwrite"):
+                   "--overwrite", "--endpoint", "--endpoint-model", "--concurrency", "--api-key-env"):
         s.flag(option)
     s.flag("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
 
@@ -371,14 +374,15 @@ def cmd_serve(p) -> None:
         if cfg.backend == "vllm":
             from radscribe.serve.vllm import serve_vllm
 
-            if cfg.adapter:
-                raise RadscribeError("--backend vllm serves a merged model: run `radscribe export --model BASE "
-                                     "--adapter RUN OUT` and pass --model OUT (vLLM cannot put LoRA on fused MoE experts)")
-            code = serve_vllm(cfg.model, cfg.host, cfg.port, cfg.model_name, cfg.api_key, cfg.vllm,
-                              allow_hosts=cfg.images.allow_hosts, allow_folder=cfg.images.allow_folder)
+            code = serve_vllm(cfg, given=a.given_fields)  # every option passed on to vLLM or refused there
             if code:
                 raise RadscribeError(f"vLLM exited with status {code}")
             return
+        from radscribe.serve.vllm import VllmOptions
+
+        if cfg.vllm != VllmOptions() or any(f.startswith("vllm.") for f in a.given_fields):
+            raise RadscribeError("--max-model-len, --gpu-memory-utilization and vllm.* settings only apply with "
+                                 "--backend vllm")
         from radscribe.serve.api import serve
 
         serve(cfg.model, adapter=cfg.adapter, cfg=cfg, dtype=cfg.dtype, quantization=cfg.quantization,

@@ -2,6 +2,8 @@
 
 Run as: radscribe eval --model BASE [--adapter RUN] --data DATASET [--split val] [--batch-size 8]
                        [--max-new-tokens 512] [--limit N] [--ablate blank|shuffle] [--out DIR]
+        radscribe eval --endpoint URL --data DATASET --out DIR [--concurrency 4] [--api-key-env VAR]
+                       (any OpenAI-compatible server generates: radscribe/evaluate/endpoint.py)
         radscribe score generated_predictions.jsonl [--out DIR]
 
 Where outputs live: `DIR/<split>[-<ablation>]/`, with DIR = `--out`, or `RUN/eval` when an adapter run is given
@@ -18,8 +20,10 @@ While generating, finished batches go to generated_predictions.partial.jsonl: re
 same settings resumes there.
 
 Rerunning a finished eval: scores.json records the settings it was made with (model, adapter, data, split, limit,
-generation settings, and a fingerprint of the model, adapter and split files). With the same settings the saved
-results are reused (and said so); with other settings the eval refuses to replace them and names what differs.
+generation settings, and a fingerprint of the model, adapter and split files; for an endpoint eval its URL and the
+served model id). With the same settings the saved results are reused (and said so); with other settings the eval
+refuses to replace them and names what differs. What a server serves cannot be fingerprinted from here: after it is
+given other weights under the same URL and model id, pass --overwrite.
 `--overwrite` redoes the eval in either case (another `--out` keeps both). An ablation treats the real-image eval it
 is compared with by the same rule.
 """
@@ -43,10 +47,10 @@ from radscribe.evaluate import findings, metrics, stats
 
 @dataclass
 class EvalConfig:
-    model: str
-    """Base model folder (as downloaded, or written by `radscribe tiny-model`)."""
     data: str
     """Prepared dataset folder (or any LLaMA-Factory sharegpt folder with images)."""
+    model: str | None = None
+    """Base model folder (as downloaded, or written by `radscribe tiny-model`); required unless --endpoint."""
     adapter: str | None = None
     """A `radscribe train` run folder (or its adapter/ folder); none evaluates the base model."""
     split: str = "val"
@@ -75,6 +79,20 @@ class EvalConfig:
     """Processes for BLEU/ROUGE scoring."""
     overwrite: bool = False
     """Redo the eval even when the output folder holds results (else same settings reuse them, others refuse)."""
+    endpoint: str | None = None
+    """OpenAI base URL (http://HOST:PORT/v1) of a server that generates instead of a local model (no --model).
+    Any OpenAI-compatible one: radscribe serve, llama-server, vLLM, SGLang; --adapter, --dtype and --batch-size
+    are then the server's business and refused here."""
+    endpoint_model: str | None = None
+    """Model id to request from --endpoint (default: the one model its /models lists)."""
+    concurrency: int = 1
+    """Requests in flight at once against --endpoint."""
+    api_key_env: str | None = None
+    """Environment variable holding the --endpoint's API key (sent as `Authorization: Bearer`)."""
+    request_timeout_s: float = 600.0
+    """Longest wait for one --endpoint answer."""
+    max_retries: int = 8
+    """Retries of a request the --endpoint answers 429 or 503 (after its Retry-After)."""
 
 
 def output_dir(cfg: EvalConfig) -> Path:
@@ -90,9 +108,11 @@ def output_dir(cfg: EvalConfig) -> Path:
 
 
 def evaluate(cfg: EvalConfig, engine=None) -> dict:
-    """Generate, score and save one split; returns scores.json's content. `engine` reuses a loaded Engine."""
+    """Generate, score and save one split; returns scores.json's content. `engine` reuses a loaded Engine (or an
+    Endpoint)."""
     from radscribe.data.dataset import read_split
 
+    cfg, engine = _checked(cfg, engine)
     out = output_dir(cfg)
     samples = list(read_split(cfg.data, cfg.split))
     if cfg.limit is not None:
@@ -149,6 +169,34 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
     return scores
 
 
+def _checked(cfg: EvalConfig, engine):
+    """Options that cannot take effect together are refused; an endpoint's model id is resolved (it is recorded)."""
+    if not cfg.endpoint:
+        if not cfg.model:
+            raise RadscribeError("--model is required (model), or --endpoint URL to evaluate through a server")
+        stray = [flag for flag, given in (("--concurrency", cfg.concurrency != EvalConfig.concurrency),
+                                          ("--api-key-env", cfg.api_key_env), ("--endpoint-model", cfg.endpoint_model),
+                                          ("request_timeout_s", cfg.request_timeout_s != EvalConfig.request_timeout_s),
+                                          ("max_retries", cfg.max_retries != EvalConfig.max_retries)) if given]
+        if stray:
+            raise RadscribeError(f"{', '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with --endpoint URL")
+        return cfg, engine
+    stray = [flag for flag, given in (("--model", cfg.model), ("--adapter", cfg.adapter),
+                                      ("--dtype", cfg.dtype != EvalConfig.dtype),
+                                      ("--batch-size", cfg.batch_size != EvalConfig.batch_size))
+             if given]
+    if stray:
+        raise RadscribeError(f"{', '.join(stray)} cannot take effect with --endpoint: the server loads and batches "
+                             "the model (set them where it is started)")
+    if not cfg.out:
+        raise RadscribeError("an --endpoint eval has no run folder: pass --out DIR for the results")
+    if engine is None:
+        from radscribe.evaluate.endpoint import Endpoint
+
+        engine = Endpoint.from_config(cfg)
+    return dataclasses.replace(cfg, endpoint_model=engine.model), engine
+
+
 def _saved_results(out: Path, settings: dict, ids: list[str], overwrite: bool) -> dict | None:
     """The scores saved in `out` when they were made with `settings` on `ids`; None when there are none to keep.
 
@@ -194,6 +242,13 @@ def _predict(cfg: EvalConfig, engine, samples, out: Path) -> tuple[list[dict], f
     from radscribe.serve.engine import Request, load_request_image
 
     image_of = _image_plan(cfg, samples)
+
+    def request_for(index: int) -> Request:
+        sample = samples[index]
+        images = [_ablated(load_request_image(p), cfg.ablate) for p in image_of(index)]
+        return Request(messages=to_chat(sample.messages[:_last_assistant(sample)], images),
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+
     partial = out / "generated_predictions.partial.jsonl"
     rows, runtime, steps = _resume(partial, cfg, samples)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,31 +259,36 @@ def _predict(cfg: EvalConfig, engine, samples, out: Path) -> tuple[list[dict], f
     with tqdm(total=len(samples), initial=len(rows), unit="sample",
               desc=f"eval {cfg.split}" + (f" ({cfg.ablate})" if cfg.ablate else "")) as bar, \
             partial.open("a", encoding="utf-8") as log:
-        for first in range(len(rows), len(samples), cfg.batch_size):
-            start = time.perf_counter()
-            batch = samples[first:first + cfg.batch_size]
-            requests = []
-            for offset, sample in enumerate(batch):
-                images = [_ablated(load_request_image(p), cfg.ablate) for p in image_of(first + offset)]
-                prompt_turns = sample.messages[:_last_assistant(sample)]
-                requests.append(Request(messages=to_chat(prompt_turns, images), max_new_tokens=cfg.max_new_tokens,
-                                        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
-            answers = engine.generate(requests, batch_size=cfg.batch_size)
+        todo = range(len(rows), len(samples))
+        if cfg.endpoint:  # one request per sample, `concurrency` in flight, answers taken in sample order
+            chunks = engine.chunks(request_for, todo, lambda i: samples[i].id)
+        else:
+            chunks = _local_batches(engine, request_for, todo, cfg.batch_size)
+        for indices, answers, seconds in chunks:
             batch_rows = []
-            for sample, answer in zip(batch, answers):
+            for index, answer in zip(indices, answers):
+                sample = samples[index]
                 row = {"prompt": sample.prompt, "predict": answer, "label": sample.report, "id": sample.id,
                        "image": [str(Path(p).resolve()) for p in sample.images]}
                 if sample.truth:
                     row["truth"] = sample.truth
                 batch_rows.append(row)
-            seconds = time.perf_counter() - start
             log.write(json.dumps({"seconds": seconds, "rows": batch_rows}, ensure_ascii=False) + "\n")
             log.flush()
             rows += batch_rows
             runtime += seconds
             steps += 1
-            bar.update(len(batch))
+            bar.update(len(indices))
     return rows, runtime, steps
+
+
+def _local_batches(engine, request_for, indices: range, batch_size: int):
+    """(indices, answers, seconds) per batch of `batch_size` samples, images loaded per batch."""
+    for first in range(indices.start, indices.stop, batch_size):
+        start = time.perf_counter()
+        batch = list(range(first, min(first + batch_size, indices.stop)))
+        answers = engine.generate([request_for(i) for i in batch], batch_size=batch_size)
+        yield batch, answers, time.perf_counter() - start
 
 
 def _settings(cfg: EvalConfig) -> dict:
@@ -239,10 +299,12 @@ def _settings(cfg: EvalConfig) -> dict:
     """
     keep = ("split", "limit", "ablate", "max_new_tokens", "temperature", "top_p", "seed", "dtype")
     adapter = _resolved_adapter(cfg.adapter)
-    return {"model": str(Path(cfg.model).resolve()), "adapter": str(adapter) if adapter else None,
+    model = Path(cfg.model) if cfg.model else None
+    return {"model": str(model.resolve()) if model else None, "adapter": str(adapter) if adapter else None,
             "data": str(Path(cfg.data).resolve()), **{k: getattr(cfg, k) for k in keep},
-            "model_files": _fingerprint(Path(cfg.model)), "adapter_files": _fingerprint(adapter),
-            "data_files": _fingerprint(Path(cfg.data), f"{cfg.split}.json*")}
+            "model_files": _fingerprint(model), "adapter_files": _fingerprint(adapter),
+            "data_files": _fingerprint(Path(cfg.data), f"{cfg.split}.json*"),
+            "endpoint": cfg.endpoint.rstrip("/") if cfg.endpoint else None, "endpoint_model": cfg.endpoint_model}
 
 
 def _resolved_adapter(adapter: str | None) -> Path | None:

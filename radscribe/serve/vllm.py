@@ -9,6 +9,10 @@ environment, with our defaults carried over: loopback bind, the API key from the
 line, where `ps` would show it), a per-prompt image limit, no video, and no media fetched from the network or
 the disk unless allow-listed.
 
+Every `radscribe serve` option is either passed on to vLLM's equivalent (`PASSED_ON`) or, when it is set (given
+on the command line or away from its default), refused in one line before anything starts (`REFUSED`): vLLM has
+no body, image-byte, pixel or prompt-token caps, no admission queue and no Host allow-list of its own.
+
 Special tokens: vLLM's chat endpoint renders the chat template to one string and tokenizes it whole, so
 `<|im_start|>system ...` typed into a message becomes real control tokens and can forge turns. It has no option
 that encodes message text as plain text (the proposals, vllm-project/vllm PRs #11691, #11713 and #31735, were
@@ -18,6 +22,7 @@ clients only; put radscribe's own backend (`--backend hf`) in front of anyone el
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -36,6 +41,43 @@ SPECIAL_TOKENS_WARNING = ("radscribe serve: warning: vLLM parses special tokens 
                           "<|im_start|>system and forge a turn); serve only trusted clients with --backend vllm")
 
 
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""Our --dtype names -> vLLM's."""
+PASSED_ON = {
+    "model": "--model (a merged export)", "backend": "(selects this backend)", "host": "--host", "port": "--port",
+    "api_key": "env VLLM_API_KEY", "model_name": "--served-model-name", "dtype": "--dtype",
+    "device": "cuda / cuda:N (env CUDA_VISIBLE_DEVICES)", "max_batch": "--max-num-seqs",
+    "max_images": "--limit-mm-per-prompt", "images.allow_folder": "--allowed-local-media-path",
+    "images.allow_hosts": "--allowed-media-domains", "images.fetch_timeout_s": "env VLLM_IMAGE_FETCH_TIMEOUT",
+    "vllm.max_model_len": "--max-model-len", "vllm.gpu_memory_utilization": "--gpu-memory-utilization",
+    "vllm.max_num_seqs": "--max-num-seqs", "vllm.images_per_prompt": "--limit-mm-per-prompt",
+}
+"""ServeConfig fields and what carries them into vLLM."""
+REFUSED = {
+    "adapter": ("--adapter", ("vLLM cannot put LoRA on fused MoE experts: run `radscribe export --model BASE "
+                              "--adapter RUN OUT` and pass --model OUT")),
+    "quantization": ("--quantize", ("quantize the export instead (`radscribe export --quantize 4bit`); its "
+                                    "bitsandbytes config is passed on")),
+    "allow_origins": ("--allow-origin", "vLLM checks no Host or Origin header"),
+    "max_body_bytes": ("--max-body-mb", "vLLM has no request body limit"),
+    "max_tokens_limit": ("--max-tokens", "vLLM bounds max_tokens only by --max-model-len"),
+    "default_max_tokens": ("default_max_tokens", "vLLM's default max_tokens is what --max-model-len leaves"),
+    "max_prompt_tokens": ("--max-prompt-tokens", "vLLM bounds prompts only by --max-model-len"),
+    "images.max_image_bytes": ("--max-image-mb", "vLLM has no encoded-image size limit"),
+    "images.max_pixels": ("--max-pixels", "vLLM has no image pixel limit"),
+    "batch_wait_ms": ("--batch-wait-ms", "vLLM batches continuously, with no wait"),
+    "max_queue": ("--max-queue", "vLLM has no bounded admission queue"),
+    "max_queue_per_client": ("--max-queue-per-client", "vLLM has no per-client queue share"),
+    "max_queued_pixels": ("--max-queued-pixels", "vLLM has no decoded-pixel budget"),
+    "max_in_flight": ("--max-in-flight", "vLLM has no cap on requests in flight"),
+    "header_timeout_s": ("--header-timeout", "vLLM's HTTP server has no header deadline"),
+    "body_timeout_s": ("--body-timeout", "vLLM's HTTP server has no body deadline"),
+}
+"""ServeConfig fields vLLM has no equivalent for: (flag, why), refused when set."""
+TWINS = {"max_batch": "vllm.max_num_seqs", "max_images": "vllm.images_per_prompt"}
+"""A serve option that, when set, replaces its vLLM-section twin (the twin's default is vLLM's own)."""
+
+
 @dataclass
 class VllmOptions:
     """vLLM settings that matter for a VL report model; the rest is vLLM's defaults."""
@@ -50,8 +92,59 @@ class VllmOptions:
     """--limit-mm-per-prompt image count (video is always 0)."""
 
 
+def vllm_launch(cfg, given: set[str] | frozenset = frozenset()) -> tuple[list[str], dict[str, str]]:
+    """The vLLM command line and the environment variables it needs for a ServeConfig, every option passed on
+    (`PASSED_ON`) or refused (`REFUSED`) in one RadscribeError. `given`: dotted fields set on the command line."""
+    from radscribe.serve.api import ServeConfig
+
+    default = ServeConfig()
+
+    def value(cfg_, field):
+        for part in field.split("."):
+            cfg_ = getattr(cfg_, part)
+        return cfg_
+
+    def requested(field: str) -> bool:
+        return field in given or value(cfg, field) != value(default, field)
+
+    if cfg.model is None or cfg.model == "":
+        raise RadscribeError("--backend vllm needs --model pointing at a `radscribe export` folder")
+    refused = [(flag, why) for field, (flag, why) in REFUSED.items() if requested(field)]
+    env = {}
+    device = cfg.device or "cuda"
+    if device == "cuda":
+        pass
+    elif device.startswith("cuda:") and device[5:].isdigit():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [d.strip() for d in visible.split(",")] if visible else None
+        index = int(device[5:])
+        if ids is not None and index >= len(ids):
+            raise RadscribeError(f"--device {device}: CUDA_VISIBLE_DEVICES={visible} shows only {len(ids)} GPU(s)")
+        env["CUDA_VISIBLE_DEVICES"] = ids[index] if ids is not None else str(index)
+    else:
+        refused.append(("--device", f"vLLM runs on a CUDA GPU, not {device!r} (on CPU use --backend hf)"))
+    options = cfg.vllm
+    for field, twin in TWINS.items():
+        if requested(field):
+            if requested(twin) and value(cfg, field) != value(cfg, twin):
+                why = f"both set vLLM's {PASSED_ON[field]}, to {value(cfg, field)} and {value(cfg, twin)}: set one"
+                refused.append((f"{field} and {twin}", why))
+            options = dataclasses.replace(options, **{twin.split(".")[1]: value(cfg, field)})
+    timeout = cfg.images.fetch_timeout_s
+    if timeout != int(timeout):
+        refused.append(("--fetch-timeout", f"vLLM takes whole seconds (VLLM_IMAGE_FETCH_TIMEOUT), not {timeout:g}"))
+    if refused:
+        raise RadscribeError("--backend vllm cannot honour " + "; ".join(f"{flag} ({why})" for flag, why in refused)
+                             + "; drop them, or serve with --backend hf")
+    env["VLLM_IMAGE_FETCH_TIMEOUT"] = str(int(timeout))
+    cmd = vllm_command(cfg.model, cfg.host, cfg.port, cfg.model_name, options, cfg.images.allow_hosts,
+                       cfg.images.allow_folder, extra=["--dtype", DTYPES[cfg.dtype]])
+    return cmd, env
+
+
 def vllm_command(export_dir: str | Path, host: str, port: int, model_name: str, options: VllmOptions,
-                 allow_hosts: list[str] = (), allow_folder: str | Path | None = None) -> list[str]:
+                 allow_hosts: list[str] = (), allow_folder: str | Path | None = None,
+                 extra: list[str] = ()) -> list[str]:
     """The command line that starts vLLM's OpenAI server on `export_dir` (checked to be a merged export)."""
     folder = check_export(export_dir)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
@@ -66,7 +159,7 @@ def vllm_command(export_dir: str | Path, host: str, port: int, model_name: str, 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("quantization_config", {}).get("quant_method") == "bitsandbytes":
         cmd += ["--quantization", "bitsandbytes"]
-    return cmd
+    return cmd + list(extra)
 
 
 def check_export(export_dir: str | Path) -> Path:
@@ -91,17 +184,14 @@ def check_vllm_available() -> None:
         raise RadscribeError("--backend vllm needs a CUDA GPU and none is visible; on CPU use --backend hf")
 
 
-def serve_vllm(export_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str = "radscribe",
-               api_key: str | None = None, options: VllmOptions | None = None, allow_hosts: list[str] = (),
-               allow_folder: str | Path | None = None) -> int:
-    """Run vLLM's server in the foreground until it exits; returns its exit code."""
-    if export_dir is None:
-        raise RadscribeError("--backend vllm needs --model pointing at a `radscribe export` folder")
-    cmd = vllm_command(export_dir, host, port, model_name, options or VllmOptions(), allow_hosts, allow_folder)
+def serve_vllm(cfg, given: set[str] | frozenset = frozenset()) -> int:
+    """Run vLLM's server for a ServeConfig in the foreground until it exits; returns its exit code."""
+    cmd, extra_env = vllm_launch(cfg, given)
     print(SPECIAL_TOKENS_WARNING, flush=True)
     check_vllm_available()
-    env = dict(os.environ, VLLM_MEDIA_URL_ALLOW_REDIRECTS="0")
-    if api_key:
-        env["VLLM_API_KEY"] = api_key  # vLLM reads it; a --api-key argument would be visible in `ps`
-    print(f"radscribe serve: starting vLLM on http://{host}:{port}/v1 (model id {model_name!r})", flush=True)
+    env = dict(os.environ, VLLM_MEDIA_URL_ALLOW_REDIRECTS="0", **extra_env)
+    if cfg.api_key:
+        env["VLLM_API_KEY"] = cfg.api_key  # vLLM reads it; a --api-key argument would be visible in `ps`
+    print(f"radscribe serve: starting vLLM on http://{cfg.host}:{cfg.port}/v1 (model id {cfg.model_name!r})",
+          flush=True)
     return subprocess.call(cmd, env=env)
