@@ -226,7 +226,7 @@ def cmd_train(p) -> None:
                    help="only print the memory plan per GPU (from MODEL/config.json alone; --nproc x --nnodes GPUs), "
                         "do not load or train")
     p.add_argument("--gpu-mem", type=float, metavar="GB",
-                   help="with --dry-run: fail when the plan needs more than GB (1e9 bytes) per GPU")
+                   help="with --dry-run: fail when the plan needs more than GB (1e9 bytes) per GPU (default: no limit)")
 
     def run(cfg, a):
         if a.gpu_mem is not None and not a.dry_run:

@@ -42,7 +42,7 @@ def test_every_option_has_a_description_and_a_default(stage, capsys):
     for action in sub._actions:
         if action.dest in ("help", "config", "overrides") or action.help is None:
             continue
-        if action.option_strings in (["--emit-llamafactory"], ["--fresh"]):
+        if action.option_strings in (["--emit-llamafactory"], ["--dry-run"], ["--fresh"]):
             continue  # actions, not settings
         assert len(action.help) > 20 and ("default" in action.help or "required" in action.help), action.dest
 
