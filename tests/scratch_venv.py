@@ -28,6 +28,16 @@ LLaMA-Factory's pins. A test asks for a venv by its pip requirements; it is buil
 
 The first build of a torch + torchvision venv takes minutes and ~5.5 GB (measured in the test that uses it);
 CI keeps the cache for the rest of its run only, so each distinct requirement set costs one build per CI run.
+
+Layered venvs (`base=`): a venv that needs only another transformers beside the big torch + torchvision install
+need not install torch again. `ScratchVenv(["transformers==4.57.6"], base=ScratchVenv(TORCHVISION))` builds a
+small venv holding transformers 4.57.6 and its own dependencies (tokenizers, huggingface-hub, ...), then appends
+the base venv's site-packages to its sys.path with a `.pth` line. Its own packages come first, so they shadow the
+base's (the base's transformers 5.24 is never imported there); what it lacks (torch, torchvision, pillow, jinja2)
+comes from the base. The `.pth` line is written after pip has run, so pip resolves and installs the layer as if
+the base were absent and never touches the base's packages. A layer's key includes its base's key; the base is
+built first when missing. Requirements that need torch itself (peft, accelerate) do not belong in a layer: pip
+would install a second torch into it.
 """
 
 from __future__ import annotations
@@ -46,6 +56,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """This checkout's root: first on the snippet's PYTHONPATH, so `import radscribe` finds the code under test."""
 
+TORCHVISION = ["torch==2.14.1", "torchvision==0.29.1", "transformers==5.24.0", "pillow"]
+"""torch + torchvision (PyPI's CUDA-linked wheels work on CPU when both come from PyPI), with our transformers:
+the AutoProcessor path with a video processor, and the base that transformers-only venvs are layered on."""
+
 
 class ScratchVenvError(RuntimeError):
     """A scratch venv could not be built, or a snippet run in it failed (never a skip)."""
@@ -58,12 +72,15 @@ def cache_root() -> Path:
 class ScratchVenv:
     """A cached venv holding exactly `requirements` (pip specifiers); built on first use."""
 
-    def __init__(self, requirements: list[str], pip_args: tuple[str, ...] = (), timeout: float = 3600):
+    def __init__(self, requirements: list[str], pip_args: tuple[str, ...] = (), timeout: float = 3600,
+                 base: ScratchVenv | None = None):
         self.requirements = sorted(requirements)
         self.pip_args = tuple(pip_args)
         self.timeout = timeout
+        self.base = base
+        """A venv whose packages this one sees after its own (see the module docstring), or None."""
         identity = json.dumps({"python": sys.version_info[:2], "requirements": self.requirements,
-                               "pip_args": self.pip_args})
+                               "pip_args": self.pip_args, **({"base": base.key} if base else {})})
         self.key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         self.path = cache_root() / self.key
         self.build_seconds: float | None = None
@@ -73,8 +90,14 @@ class ScratchVenv:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
+    @property
+    def site_packages(self) -> Path:
+        return self.path / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
     def ensure(self) -> ScratchVenv:
-        """Build the venv unless a complete one is cached; returns self."""
+        """Build the venv (and its base first) unless a complete one is cached; returns self."""
+        if self.base is not None:
+            self.base.ensure()
         if (self.path / ".complete").is_file():
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,10 +118,13 @@ class ScratchVenv:
             _check([sys.executable, "-m", "venv", str(self.path)], log, self.timeout)
             _check([str(self.python), "-m", "pip", "install", "--no-input", *self.pip_args, *self.requirements],
                    log, self.timeout)
+            if self.base is not None:  # after pip: pip resolves the layer alone and never sees the base's packages
+                (self.site_packages / "_scratch_venv_base.pth").write_text(f"{self.base.site_packages}\n")
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise
-        (self.path / "requirements.txt").write_text("\n".join(self.requirements) + "\n")
+        based = [f"# layered on {self.base.path}"] if self.base is not None else []
+        (self.path / "requirements.txt").write_text("\n".join(self.requirements + based) + "\n")
         (self.path / ".complete").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
         self.build_seconds = time.perf_counter() - started
 

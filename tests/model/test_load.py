@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from peft import get_peft_model
-from scratch_venv import ScratchVenv
+from scratch_venv import TORCHVISION, ScratchVenv
 
 from radscribe.errors import RadscribeError
 from radscribe.model import load as loader
@@ -80,9 +80,6 @@ def test_processor_without_torchvision_loads_and_round_trips(models, arch, tmp_p
 
 GREY_LEVEL = 2 / 255
 """One 8-bit grey level in pixel_values (Qwen's mean/std 0.5 map 0..255 to -1..1)."""
-# torch and torchvision wheels that import together, and this venv's transformers
-TORCHVISION_VENV = ["torch==2.14.1", "torchvision==0.29.1", f"transformers=={transformers.__version__}", "pillow"]
-
 AUTOPROCESSOR_RUN = """
 import json, sys
 import numpy as np
@@ -107,7 +104,7 @@ def test_autoprocessor_with_torchvision_matches_the_path_without_it(models, real
     # Where torchvision imports (GPU machines: what real users have), load_processor takes AutoProcessor with its
     # video processor. Run that path for real in a venv that has torchvision, on the same folders (ours and the
     # published download's layout), and compare.
-    venv = ScratchVenv(TORCHVISION_VENV).ensure()
+    venv = ScratchVenv(TORCHVISION).ensure()
     if venv.build_seconds is not None:
         print(f"built the torchvision venv {venv.path} in {venv.build_seconds:.0f} s")
     folders = {**{f"tiny-{arch}": folder for arch, folder in models.items()},
