@@ -200,6 +200,7 @@ class Run:
 def set_up(cfg: TrainConfig) -> Run:
     """Check the run folder, index the rows, start the process group, load and wrap the model, stream the splits."""
     from radscribe.encode import streaming_splits
+    from radscribe.model.adapter_check import check_adapter
 
     run = Run(Path(cfg.output.dir))
     if not cfg.model.path or not Path(cfg.model.path).is_dir():
@@ -212,6 +213,8 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.output.resume and _finished(cfg, run.dir):
         run.finished = True
         return run
+    if run.last_checkpoint and cfg.output.resume and cfg.lora.enabled:
+        check_adapter(cfg.model.path, run.last_checkpoint)  # the Trainer would load it onto any base
     run.launcher_env = dist.init_process_group(deepspeed=bool(cfg.train.deepspeed))
     run.dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
@@ -407,6 +410,7 @@ def save(cfg: TrainConfig, run: Run, trainer, result, runtime: float) -> None:
     """The adapter (or full model) with its processor, RUN/rejects.jsonl, train_summary.json (written last) and
     loss.png."""
     from radscribe.encode import account
+    from radscribe.model.adapter_check import record_base
     from radscribe.runlog import loss_summary, plot_loss
 
     final_eval = trainer.evaluate() if run.val_set else {}
@@ -417,6 +421,7 @@ def save(cfg: TrainConfig, run: Run, trainer, result, runtime: float) -> None:
         _say(f"rejected {rows['rejected']} row(s): {rows['rejected_by_reason']} (RUN/rejects.jsonl)")
     if dist.is_main():
         run.processor.save_pretrained(out_dir)
+        record_base(cfg.model.path, run.processor.tokenizer, out_dir)  # what eval/serve/export check it against
         d = run.described
         summary = {
             "steps": trainer.state.global_step, "epochs": trainer.state.epoch,

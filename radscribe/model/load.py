@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radscribe.errors import RadscribeError
+from radscribe.model.adapter_check import check_adapter
 from radscribe.model.lora import quantization_config
 from radscribe.quiet import peft_notices
 
@@ -214,6 +215,8 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
         compute_dtype = torch.bfloat16 if where.device.startswith("cuda") else torch.float32
     bnb = quantization_config(quantization, compute_dtype)  # checks bitsandbytes before any loading
     processor = load_processor(path)
+    if adapter_dir is not None:  # before any weights are read: one line naming both folders if it does not fit
+        check_adapter(path, adapter_dir, processor.tokenizer)
 
     kwargs = {"dtype": torch_dtype}
     if where.device_map is not None:
