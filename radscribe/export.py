@@ -2,12 +2,19 @@
 
 Run as: radscribe export --model BASE --adapter RUN OUT [--quantize 4bit] [--dtype bf16]
 
-The folder holds the merged weights (safetensors shards), config.json, generation_config.json, the processor
-(tokenizer, image processor, chat template) and nothing of PEFT, so `AutoModelForImageTextToText` and vLLM load
-it like a released checkpoint. LoRA on MoE experts (PEFT `target_parameters`) is merged too, and the fused
-expert tensors are written in the released layout, gate_up_proj (E, H, 2I) and down_proj (E, I, H):
-transformers' `save_pretrained` writes its in-memory layout (E, 2I, H) / (E, H, I), which transformers' own
-loader and DeepSpeed ZeRO-3 would then transpose a second time.
+The folder is the base folder with its weights replaced by the merged ones: every other file of the base
+(config.json, generation_config.json, tokenizer files, preprocessor and video preprocessor configs, chat template,
+licence) is copied byte for byte, and config.json changes only where the merge changes something (the stored
+dtype, and the `quantization_config` of a 4-bit export). So an export of a downloaded Qwen3-VL folder is laid out
+as that download is and loads wherever the download loads (transformers 4.57, the transformers 5.16-5.20 that
+vLLM 0.33 pins, our 5.24; tests/test_export_compat.py). transformers 5.24's own serialisation of those files
+does not: it writes `rope_parameters` where 4.57 reads `rope_scaling` (the mrope settings are lost there) and a
+list-form `extra_special_tokens` that 4.57's tokenizer cannot read. Nothing of PEFT is left in the folder.
+
+LoRA on MoE experts (PEFT `target_parameters`) is merged too, and the fused expert tensors are written in the
+released layout, gate_up_proj (E, H, 2I) and down_proj (E, I, H): transformers' `save_pretrained` writes its
+in-memory layout (E, 2I, H) / (E, H, I), which transformers' own loader and DeepSpeed ZeRO-3 would then
+transpose a second time.
 
 `--quantize 4bit` then reloads the merged folder through the one model loader with bitsandbytes nf4 (double
 quant, bf16 compute) and saves it pre-quantised: config.json records the `quantization_config`, the linear
@@ -17,6 +24,7 @@ quantise the 3-D MoE expert tensors, so they stay bf16 (docs/serving.md has what
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +35,8 @@ from tqdm import tqdm
 from radscribe.errors import RadscribeError
 from radscribe.quiet import import_deepspeed_quietly
 
-# Files of the base folder that describe the processor and must travel with the export when the processor
-# object cannot write them itself (the video processor config, on machines without torchvision).
-_PROCESSOR_EXTRAS = ("video_preprocessor_config.json", "preprocessor_config.json", "chat_template.jinja",
-                     "chat_template.json")
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+"""The files a merge replaces; every other file of the base folder is copied into the export unchanged."""
 
 
 @dataclass
@@ -70,17 +76,14 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
         quantization_config(quantize)  # fails early, naming the extra, when bitsandbytes is missing
 
     print(f"radscribe export: loading {base} + adapter {adapter}")
-    model, processor = load_model(base, adapter=adapter, dtype=dtype, device=device)
+    model, _ = load_model(base, adapter=adapter, dtype=dtype, device=device)
     merged = model.merge_and_unload()
     hidden = _text_config(merged.config).hidden_size
     out.mkdir(parents=True, exist_ok=True)
-    import_deepspeed_quietly()  # save_pretrained imports it (through accelerate) whenever it is installed
-    merged.save_pretrained(out, max_shard_size=max_shard_size)
+    copy_published_files(base, out)
+    _write_weights(merged, out, max_shard_size)
+    set_stored_dtype(out / "config.json", merged.dtype)
     del model, merged
-    processor.save_pretrained(out)
-    for name in _PROCESSOR_EXTRAS:
-        if (base / name).is_file() and not (out / name).exists():
-            shutil.copy2(base / name, out / name)
     moved = to_released_expert_layout(out, hidden)
     if quantize:
         _quantize_in_place(out, quantize, device, max_shard_size)
@@ -92,15 +95,70 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
     return out
 
 
+def copy_published_files(base: Path, out: Path) -> list[str]:
+    """Copy every file of the base folder except its weights into `out`, byte for byte; returns their names.
+
+    Hidden entries (`.cache/` of a hub download, `.gitattributes`) and sub-folders are not part of the model."""
+    copied = []
+    for source in sorted(base.iterdir()):
+        if source.is_file() and not source.name.startswith(".") and not _is_weight_file(source.name):
+            shutil.copy2(source, out / source.name)
+            copied.append(source.name)
+    return copied
+
+
+def _is_weight_file(name: str) -> bool:
+    return any(Path(name).match(pattern) for pattern in WEIGHT_FILES)
+
+
+def _write_weights(model, out: Path, max_shard_size: str) -> dict:
+    """Save `model`'s weights into `out` (shards + index) and return the config.json transformers wrote with them.
+
+    `save_pretrained` also writes its own config.json and generation_config.json; those stay in a staging folder
+    that is removed, so the base's published files are not replaced by this transformers' serialisation."""
+    staging = out / ".merge-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    for old in out.iterdir():
+        if old.is_file() and _is_weight_file(old.name):
+            old.unlink()
+    import_deepspeed_quietly()  # save_pretrained imports it (through accelerate) whenever it is installed
+    model.save_pretrained(staging, max_shard_size=max_shard_size)
+    for written in staging.iterdir():
+        if _is_weight_file(written.name):
+            written.rename(out / written.name)
+    saved_config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+    shutil.rmtree(staging)
+    return saved_config
+
+
+def set_stored_dtype(config_file: Path, dtype, quantization_config: dict | None = None) -> bool:
+    """Make config.json say the dtype the weights are stored in (and their quantisation); returns whether it changed.
+
+    Only the values change: every `dtype` / `torch_dtype` key the file already has (top level or a sub-config, as
+    the base wrote it), and `quantization_config` at the top level. The file is rewritten only when a value
+    differs, so a bf16 merge of a bf16 base leaves the base's config.json byte for byte."""
+    name = str(dtype).removeprefix("torch.")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    changed = False
+    for section in [config, *(v for v in config.values() if isinstance(v, dict))]:
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(section.get(key), str) and section[key] != name:
+                section[key], changed = name, True
+    if quantization_config is not None and config.get("quantization_config") != quantization_config:
+        config["quantization_config"], changed = quantization_config, True
+    if changed:
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return changed
+
+
 def _quantize_in_place(out: Path, quantize: str, device: str | None, max_shard_size: str) -> None:
     """Reload the merged folder quantised by the one loader and replace its weights with the packed ones."""
     from radscribe.model.load import load_model
 
     # bf16 compute: the dtype a GPU user wants recorded; CPU bitsandbytes runs it too.
     quantized, _ = load_model(out, dtype="bf16", quantization=quantize, device=device)
-    for shard in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
-        shard.unlink()
-    quantized.save_pretrained(out, max_shard_size=max_shard_size)
+    saved_config = _write_weights(quantized, out, max_shard_size)
+    set_stored_dtype(out / "config.json", quantized.dtype, saved_config["quantization_config"])
 
 
 def _text_config(config):
