@@ -364,6 +364,7 @@ def cmd_serve(p) -> None:
     s.flag("--body-timeout", "body_timeout_s")
     s.flag("--max-model-len", "vllm.max_model_len")
     s.flag("--gpu-memory-utilization", "vllm.gpu_memory_utilization")
+    s.flag("--vllm-python", "vllm.python")
 
     def run(cfg, a):
         import os

@@ -1,11 +1,17 @@
-"""The vLLM backend: launch vLLM's OpenAI-compatible server on a merged export (GPU only, optional extra).
+"""The vLLM backend: launch vLLM's OpenAI-compatible server on a merged export (GPU only, vLLM's own environment).
 
-Run as: radscribe serve --backend vllm --model EXPORT [--port 8000] [--api-key KEY] [--max-model-len 8192]
+Run as: radscribe serve --backend vllm --vllm-python VLLM_ENV/bin/python --model EXPORT [--port 8000]
+        [--api-key KEY] [--max-model-len 8192]
+
+vLLM runs in its own environment: vLLM 0.33 requires `transformers>=5.16.1,<5.21` and `torch==2.14.0`, radscribe
+`transformers>=5.24,<5.25`, so the two cannot share one venv (there is no `radscribe[vllm]` extra). Build it once
+(`python -m venv VLLM_ENV && VLLM_ENV/bin/pip install vllm==0.33.0`) and pass its interpreter as `--vllm-python`;
+without the option, vLLM must be importable here. An export written by `radscribe export` is the base's published
+files plus merged weights, so it loads with transformers 5.20 as the download does (tests/test_export_compat.py).
 
 vLLM cannot apply a LoRA to the fused MoE experts of a VL model, so it serves the folder `radscribe export`
-wrote (adapter merged, experts in the released layout), never base + adapter. vLLM is imported only here and
-only to check it is installed; the server runs as `python -m vllm.entrypoints.openai.api_server` in the same
-environment, with our defaults carried over: loopback bind, the API key from the environment (not the command
+wrote (adapter merged, experts in the released layout), never base + adapter. vLLM is never imported here; the
+server runs as `VLLM_PYTHON -m vllm.entrypoints.openai.api_server`, with our defaults carried over: loopback bind, the API key from the environment (not the command
 line, where `ps` would show it), a per-prompt image limit, no video, and no media fetched from the network or
 the disk unless allow-listed.
 
@@ -23,6 +29,7 @@ clients only; put radscribe's own backend (`--backend hf`) in front of anyone el
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -33,7 +40,11 @@ from pathlib import Path
 
 from radscribe.errors import RadscribeError
 
-VLLM_EXTRA = "pip install 'radscribe[vllm]' (Linux with a CUDA GPU)"
+VLLM_VERSION = "0.33.0"
+"""The vLLM release the launch arguments below were written for (its own environment; see the module docstring)."""
+VLLM_ENV = (f"vLLM runs in its own environment (it pins transformers<5.21, radscribe needs 5.24): "
+            f"`python -m venv VLLM_ENV && VLLM_ENV/bin/pip install vllm=={VLLM_VERSION}` on a Linux CUDA machine, "
+            "then pass --vllm-python VLLM_ENV/bin/python")
 # A domain that can never resolve (RFC 6761): vLLM fetches http(s) image URLs from any host unless
 # --allowed-media-domains narrows it, so with no allow-listed host we narrow it to nothing.
 NO_DOMAIN = "radscribe.invalid"
@@ -51,6 +62,7 @@ PASSED_ON = {
     "images.allow_hosts": "--allowed-media-domains", "images.fetch_timeout_s": "env VLLM_IMAGE_FETCH_TIMEOUT",
     "vllm.max_model_len": "--max-model-len", "vllm.gpu_memory_utilization": "--gpu-memory-utilization",
     "vllm.max_num_seqs": "--max-num-seqs", "vllm.images_per_prompt": "--limit-mm-per-prompt",
+    "vllm.python": "the interpreter that runs vLLM (its own environment)",
 }
 """ServeConfig fields and what carries them into vLLM."""
 REFUSED = {
@@ -90,6 +102,8 @@ class VllmOptions:
     """Most sequences in one decoding batch."""
     images_per_prompt: int = 4
     """--limit-mm-per-prompt image count (video is always 0)."""
+    python: Path | None = None
+    """The interpreter of vLLM's own environment (VLLM_ENV/bin/python); None = this one, if vLLM is installed here."""
 
 
 def vllm_launch(cfg, given: set[str] | frozenset = frozenset()) -> tuple[list[str], dict[str, str]]:
@@ -147,7 +161,7 @@ def vllm_command(export_dir: str | Path, host: str, port: int, model_name: str, 
                  extra: list[str] = ()) -> list[str]:
     """The command line that starts vLLM's OpenAI server on `export_dir` (checked to be a merged export)."""
     folder = check_export(export_dir)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+    cmd = [str(options.python or sys.executable), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
            "--served-model-name", model_name, "--host", host, "--port", str(port),
            "--max-model-len", str(options.max_model_len),
            "--gpu-memory-utilization", str(options.gpu_memory_utilization),
@@ -174,21 +188,40 @@ def check_export(export_dir: str | Path) -> Path:
     return folder
 
 
-def check_vllm_available() -> None:
-    """vLLM installed and a CUDA GPU visible, else a RadscribeError saying what to do."""
-    if importlib.util.find_spec("vllm") is None:
-        raise RadscribeError(f"--backend vllm needs vLLM: {VLLM_EXTRA}; on CPU use --backend hf")
+def check_vllm_available(python: str | Path | None = None) -> str | None:
+    """vLLM importable by `python` (vLLM's own environment; None = this one) and a CUDA GPU visible, else a
+    RadscribeError saying what to do. Returns vLLM's version (None when it does not say: a source checkout)."""
+    if python is None:
+        if importlib.util.find_spec("vllm") is None:
+            raise RadscribeError(f"--backend vllm: vLLM is not installed here; {VLLM_ENV}; on CPU use --backend hf")
+        try:
+            version = importlib.metadata.version("vllm")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+    else:
+        if not Path(python).is_file():
+            raise RadscribeError(f"--vllm-python {python}: no such interpreter; {VLLM_ENV}")
+        probe = subprocess.run([str(python), "-c", "import vllm; print(getattr(vllm, '__version__', ''))"],
+                               capture_output=True, text=True, timeout=600)
+        if probe.returncode != 0:
+            last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RadscribeError(f"--vllm-python {python} cannot import vllm ({last}); {VLLM_ENV}")
+        version = probe.stdout.strip() or None
     import torch
 
     if not torch.cuda.is_available():
         raise RadscribeError("--backend vllm needs a CUDA GPU and none is visible; on CPU use --backend hf")
+    return version
 
 
 def serve_vllm(cfg, given: set[str] | frozenset = frozenset()) -> int:
     """Run vLLM's server for a ServeConfig in the foreground until it exits; returns its exit code."""
     cmd, extra_env = vllm_launch(cfg, given)
     print(SPECIAL_TOKENS_WARNING, flush=True)
-    check_vllm_available()
+    version = check_vllm_available(cfg.vllm.python)
+    if version is not None and version != VLLM_VERSION:
+        print(f"radscribe serve: warning: vLLM {version}, not {VLLM_VERSION} (the release these arguments were "
+              "written for)", flush=True)
     env = dict(os.environ, VLLM_MEDIA_URL_ALLOW_REDIRECTS="0", **extra_env)
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key  # vLLM reads it; a --api-key argument would be visible in `ps`

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -55,12 +56,12 @@ def test_adapters_are_refused_with_the_export_hint(export_dir, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_missing_vllm_names_the_extra(export_dir, capsys):
-    with pytest.raises(RadscribeError, match=r"radscribe\[vllm\]"):
+def test_missing_vllm_says_how_to_build_its_own_environment(export_dir, capsys):
+    with pytest.raises(RadscribeError, match=r"pip install vllm==0\.33\.0.*--vllm-python"):
         check_vllm_available()
     assert main(["serve", "--backend", "vllm", "--model", str(export_dir)]) == 2
     out = capsys.readouterr()
-    assert "radscribe[vllm]" in out.err
+    assert "its own environment" in out.err and len(out.err.strip().splitlines()) == 1
     # vLLM has no way to encode message text as plain text: the operator is told, every time.
     assert SPECIAL_TOKENS_WARNING in out.out and "<|im_start|>" in SPECIAL_TOKENS_WARNING
 
@@ -196,3 +197,39 @@ def test_vllm_settings_are_refused_by_the_hf_backend(tmp_path, capsys):
         assert main(["serve", "--model", str(tmp_path), *flags]) == 2  # before any model is loaded
         assert capsys.readouterr().err.strip() == ("radscribe serve: error: --max-model-len, --gpu-memory-utilization "
                                                    "and vllm.* settings only apply with --backend vllm")
+
+
+def _interpreter(path, script: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_vllm_runs_from_its_own_environment(export_dir, stub_vllm, tmp_path):
+    # vLLM 0.33 pins transformers<5.21: it lives in its own venv, and radscribe runs that venv's interpreter
+    calls = tmp_path / "calls.log"
+    python = _interpreter(tmp_path / "vllm-env" / "bin" / "python",
+                          f'echo "$1 $2" >> {calls}\nexec {sys.executable} "$@"')
+    assert _serve(export_dir, "--vllm-python", str(python)) == 0
+    assert _args(stub_vllm()["argv"])["--model"] == str(export_dir)
+    probe, launch = calls.read_text().splitlines()
+    assert probe.startswith("-c import vllm") and launch == "-m vllm.entrypoints.openai.api_server"
+
+
+def test_a_vllm_environment_that_cannot_run_it_is_one_line(tmp_path):
+    bare = _interpreter(tmp_path / "bare", """echo "ModuleNotFoundError: No module named 'vllm'" >&2; exit 1""")
+    with pytest.raises(RadscribeError, match=r"cannot import vllm \(ModuleNotFoundError: No module named 'vllm'\)"):
+        check_vllm_available(bare)
+    with pytest.raises(RadscribeError, match="no such interpreter.*pip install vllm==0.33.0"):
+        check_vllm_available(tmp_path / "missing")
+
+
+def test_no_vllm_extra_is_declared():
+    # an extra pip cannot resolve against our transformers pin is worse than none (issue #10)
+    import tomllib
+
+    from scratch_venv import REPO_ROOT
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "vllm" not in extras and not any("vllm" in r for reqs in extras.values() for r in reqs)
