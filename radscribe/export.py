@@ -76,14 +76,13 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
         quantization_config(quantize)  # fails early, naming the extra, when bitsandbytes is missing
 
     print(f"radscribe export: loading {base} + adapter {adapter}")
-    model, _ = load_model(base, adapter=adapter, dtype=dtype, device=device)
-    merged = model.merge_and_unload()
+    merged, _ = load_model(base, adapter=adapter, dtype=dtype, device=device)  # the loader merges at inference
     hidden = _text_config(merged.config).hidden_size
     out.mkdir(parents=True, exist_ok=True)
     copy_published_files(base, out)
     _write_weights(merged, out, max_shard_size)
     set_stored_dtype(out / "config.json", merged.dtype)
-    del model, merged
+    del merged
     moved = to_released_expert_layout(out, hidden)
     if quantize:
         _quantize_in_place(out, quantize, device, max_shard_size)

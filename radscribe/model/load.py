@@ -239,9 +239,29 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        if not trainable:
+            model = merge_for_inference(model, quantized=bnb is not None)
     if trainable:
         model.train()
     else:
         model.eval()
         model.requires_grad_(False)
     return model, processor
+
+
+def merge_for_inference(model, quantized: bool):
+    """Fold a PEFT LoRA adapter into the weights it adapts, so generating costs what the base costs.
+
+    Unmerged, PEFT's `target_parameters` LoRA on the fused MoE experts rebuilds the whole (E, in, out) expert tensor
+    of every layer on every forward pass, i.e. per generated token. A plain model comes back (`merge_and_unload`).
+    On a 4-bit base only the expert LoRA is merged: bitsandbytes leaves the 3-D experts unquantised, so adding the
+    delta there is exact, while merging into nf4 linears would re-quantise them (the low-rank linear LoRA left
+    beside them costs little)."""
+    if not quantized:
+        return model.merge_and_unload()
+    from peft.tuners.lora.layer import ParamWrapper
+
+    for module in model.modules():
+        if isinstance(module, ParamWrapper):
+            module.merge()
+    return model

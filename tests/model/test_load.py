@@ -209,3 +209,52 @@ def test_user_mistakes_are_one_line_errors(models, run_dir, tmp_path, monkeypatc
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(RadscribeError, match=r"pip install 'radscribe\[qlora\]'"):
         load_model(models["qwen3_vl"], quantization="4bit")
+
+
+def _expert_adapter(models, tmp_path):
+    """A MoE adapter with random non-zero LoRA B on q/v/o/down_proj and on the fused experts (target_parameters)."""
+    from test_export import make_adapter
+
+    return make_adapter(models["qwen3_vl_moe"], tmp_path / "adapter", experts=True)
+
+
+def test_inference_merges_the_expert_adapter_and_matches_peft_unmerged(models, tmp_path):
+    from peft import PeftModel
+
+    adapter = _expert_adapter(models, tmp_path)
+    merged, processor = load_model(models["qwen3_vl_moe"], adapter=adapter, device="cpu")
+    # a plain transformers model: no LoRA layer is left to rebuild the (E, in, out) expert delta per forward
+    assert type(merged).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    assert not [n for n, _ in merged.named_modules() if "lora" in n]
+    plain, _ = load_model(models["qwen3_vl_moe"], device="cpu")
+    unmerged = PeftModel.from_pretrained(load_model(models["qwen3_vl_moe"], device="cpu")[0], adapter).eval()
+    experts = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(merged.state_dict()[experts], plain.state_dict()[experts])  # the expert LoRA is in
+    inputs = _inputs(processor)
+    with torch.no_grad():
+        logits = {name: m(**inputs).logits for name, m in
+                  (("merged", merged), ("unmerged", unmerged), ("plain", plain))}
+        tokens = {name: m.generate(**inputs, max_new_tokens=8, do_sample=False)
+                  for name, m in (("merged", merged), ("unmerged", unmerged))}
+    # fp32: merging changes only the order of float additions
+    assert (logits["merged"] - logits["unmerged"]).abs().max() < 1e-5
+    assert (logits["unmerged"] - logits["plain"]).abs().max() > 0.1  # ... and the adapter matters
+    assert torch.equal(tokens["merged"], tokens["unmerged"])
+
+
+def test_inference_on_a_4bit_base_merges_the_expert_lora_only(models, tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora.layer import ParamWrapper
+
+    adapter = _expert_adapter(models, tmp_path)
+    merged, processor = load_model(models["qwen3_vl_moe"], adapter=adapter, quantization="4bit", device="cpu")
+    wrappers = [m for m in merged.modules() if isinstance(m, ParamWrapper)]
+    assert wrappers and all(m.merged for m in wrappers)  # the bf16/fp32 experts: delta folded in once
+    linear = [m for m in merged.modules() if hasattr(m, "lora_A") and not isinstance(m, ParamWrapper)]
+    assert linear and not any(m.merged for m in linear)  # nf4 linears: left unmerged (no re-quantisation)
+    base, _ = load_model(models["qwen3_vl_moe"], quantization="4bit", device="cpu")
+    unmerged = PeftModel.from_pretrained(base, adapter).eval()
+    inputs = _inputs(processor)
+    with torch.no_grad():
+        difference = (merged(**inputs).logits - unmerged(**inputs).logits).abs().max()
+    assert difference < 1e-4

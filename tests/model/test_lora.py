@@ -111,7 +111,7 @@ def test_expert_lora_trains_the_fused_experts_and_reloads_exactly(models, tmp_pa
     reloaded, _ = load_model(models["qwen3_vl_moe"], adapter=tmp_path / "run", device="cpu")
     base, _ = load_model(models["qwen3_vl_moe"], device="cpu")
     with torch.no_grad():
-        assert torch.equal(reloaded(**batch).logits, logits)
+        assert (reloaded(**batch).logits - logits).abs().max() < 1e-5  # merged at load: float rounding only
         assert not torch.allclose(base(**batch).logits, logits, atol=1e-4)
 
 
