@@ -148,6 +148,7 @@ def test_an_unrecorded_adapter_of_matching_shapes_still_loads(adapters, models):
 def test_cli_and_resume_refuse_a_wrong_base_in_one_line(adapters, models, tiny_dataset, tmp_path, capsys):
     wide = build_tiny_model("qwen3_vl", tmp_path / "wide", seed=0, text_hidden=128)
     adapter = make_adapter(wide, tmp_path / "adapter", experts=False)
+    capsys.readouterr()  # the progress bars of making it
     assert main(["export", "--model", str(models["qwen3_vl"]), "--adapter", str(adapter), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("radscribe export: error: adapter ")
