@@ -200,7 +200,7 @@ class Run:
 def set_up(cfg: TrainConfig) -> Run:
     """Check the run folder, index the rows, start the process group, load and wrap the model, stream the splits."""
     from radscribe.encode import streaming_splits
-    from radscribe.model.adapter_check import check_adapter
+    from radscribe.model.adapter_check import RECORD, check_adapter, record_base
 
     run = Run(Path(cfg.output.dir))
     if not cfg.model.path or not Path(cfg.model.path).is_dir():
@@ -213,8 +213,8 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.output.resume and _finished(cfg, run.dir):
         run.finished = True
         return run
-    if run.last_checkpoint and cfg.output.resume and cfg.lora.enabled:
-        check_adapter(cfg.model.path, run.last_checkpoint)  # the Trainer would load it onto any base
+    if run.last_checkpoint and cfg.output.resume and cfg.lora.enabled:  # the Trainer would load it onto any base
+        check_adapter(cfg.model.path, run.last_checkpoint, record=run.dir / RECORD)
     run.launcher_env = dist.init_process_group(deepspeed=bool(cfg.train.deepspeed))
     run.dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
@@ -226,6 +226,8 @@ def set_up(cfg: TrainConfig) -> Run:
     # TrainingArguments before the model load: under ZeRO-3 they make from_pretrained load partitioned
     run.args = _training_arguments(cfg, run.dir / "checkpoints", has_val=bool(val_rows))
     run.model, run.processor = _build_model(cfg)
+    if dist.is_main() and cfg.lora.enabled:  # what a --resume checks its checkpoint against
+        record_base(cfg.model.path, run.processor.tokenizer, run.dir)
     from radscribe.model.lora import describe
 
     run.described = describe(run.model)

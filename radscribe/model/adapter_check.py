@@ -1,10 +1,10 @@
 """Does an adapter belong to this base model? The base's identity, recorded at train time, and the check.
 
 Called by the one model loader (radscribe/model/load.py) whenever an adapter is attached (eval, chat, serve, export,
-continuing training) and by `radscribe train --resume` on the checkpoint it resumes from, before any weights are
-read. A mismatch is one RadscribeError naming both folders and what differs.
+continuing training) and by `radscribe train --resume` on the checkpoint it resumes from (against the run's own
+RECORD, written when the run starts), before any weights are read. A mismatch is one RadscribeError naming both folders and what differs.
 
-- `radscribe train` writes `radscribe_base.json` (RECORD) into the adapter folder: the base's model type,
+- `radscribe train` writes `radscribe_base.json` (RECORD) into the run folder and the adapter folder: the base's model type,
   architectures, vocabulary size, text and vision hidden sizes, text layers, a fingerprint of its config.json and
   one of its tokenizer vocabulary, and the folder it was read from. PEFT's own `base_model_name_or_path` is only a
   path: another model can sit there later, and the same model can sit anywhere.
@@ -59,24 +59,28 @@ def record_base(model_dir: str | Path, tokenizer, adapter_dir: str | Path) -> Pa
     return out
 
 
-def check_adapter(model_dir: str | Path, adapter_dir: str | Path, tokenizer=None) -> None:
+def check_adapter(model_dir: str | Path, adapter_dir: str | Path, tokenizer=None,
+                  record: str | Path | None = None) -> None:
     """Raise a one-line RadscribeError when the adapter at `adapter_dir` was not made for the base at `model_dir`.
 
     `tokenizer`: the base's, when the caller has it loaded (the vocabulary fingerprint needs it); else it is loaded
-    here, and only for an adapter that carries RECORD."""
+    here, and only for an adapter that carries RECORD. `record`: the RECORD file to check against when it is not in
+    the adapter folder (a Trainer checkpoint of a run: `RUN/radscribe_base.json`); its shapes are checked too."""
     base, adapter = Path(model_dir), Path(adapter_dir)
-    if (adapter / RECORD).is_file():
+    record_file = Path(record) if record is not None else adapter / RECORD
+    if record is not None:
+        _check_shapes(base, adapter)
+    if record_file.is_file():
         if tokenizer is None:
             from radscribe.model.load import load_processor
 
             tokenizer = load_processor(base).tokenizer
-        _check_record(base, adapter, tokenizer)
-    else:
+        _check_record(base, adapter, tokenizer, record_file)
+    elif record is None:
         _check_shapes(base, adapter)
 
 
-def _check_record(base: Path, adapter: Path, tokenizer) -> None:
-    record_file = adapter / RECORD
+def _check_record(base: Path, adapter: Path, tokenizer, record_file: Path) -> None:
     try:
         recorded = json.loads(record_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

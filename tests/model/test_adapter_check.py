@@ -164,3 +164,24 @@ def test_cli_and_resume_refuse_a_wrong_base_in_one_line(adapters, models, tiny_d
     with pytest.raises(RadscribeError) as err:
         train(cfg)
     assert "does not fit base" in one_line(err, checkpoint, models["qwen3_vl"])
+
+
+def test_resume_refuses_a_base_of_the_same_shapes_that_the_run_did_not_start_on(adapters, models, tiny_dataset,
+                                                                               tmp_path):
+    # the checkpoint's shapes fit both bases; the run's own record (written at its start) tells them apart
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    shutil.copytree(adapters["qwen3_vl"], checkpoint)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    record_base(models["qwen3_vl"], load_processor(models["qwen3_vl"]).tokenizer, run)
+    other = shutil.copytree(models["qwen3_vl"], tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["rope_theta"] = 10_000
+    (other / "config.json").write_text(json.dumps(config))
+    check_adapter(other, checkpoint)  # by shapes alone it fits
+    cfg = config_from_args(TrainConfig, None, ["train.precision=fp32", "data.val_split=null", "data.max_samples=4"],
+                           **{"model.path": str(other), "data.dataset": str(tiny_dataset),
+                              "output.dir": str(run), "output.resume": True})
+    with pytest.raises(RadscribeError) as err:
+        train(cfg)
+    assert "config.json differs" in one_line(err, checkpoint, other)
