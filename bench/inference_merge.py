@@ -59,7 +59,6 @@ def tokens_per_second(model, inputs, n: int) -> float:
 
 def measure(size_kwargs: dict, tokens: int, repeats: int, work: Path) -> dict[str, float]:
     import numpy as np
-    import torch
     from peft import PeftModel
     from PIL import Image
 
@@ -119,19 +118,20 @@ def main() -> None:
     section = "\n".join([
         "## Decoding with an expert adapter: merged at load vs PEFT unmerged vs the base (tiny Qwen3-VL-MoE)",
         "",
-        f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python bench/inference_merge.py "
-        f"--tokens {args.tokens} --repeats {args.repeats}`. Machine: {os.cpu_count()} CPU cores "
-        f"({platform.machine()}), torch threads {torch.get_num_threads()}, shared with other work: 1-min load "
-        f"average {load_before:.2f} before, {load_after:.2f} after. Greedy `generate` of {args.tokens} new tokens, "
-        f"batch 1, one 64x64 image prompt, fp32; {args.repeats} rounds, the three models alternating in each. Adapter: LoRA r16 on "
-        "q/v/o/down_proj and on the fused experts (`target_parameters` gate_up_proj, down_proj).",
+        (f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python bench/inference_merge.py "
+         f"--tokens {args.tokens} --repeats {args.repeats}`. Machine: {os.cpu_count()} CPU cores "
+         f"({platform.machine()}), torch threads {torch.get_num_threads()}, shared with other work: 1-min load "
+         f"average {load_before:.2f} before, {load_after:.2f} after. Greedy `generate` of {args.tokens} new "
+         f"tokens, batch 1, one 64x64 image prompt, fp32; {args.repeats} rounds, the three models alternating in "
+         "each. Adapter: LoRA r16 on q/v/o/down_proj and on the fused experts (`target_parameters` gate_up_proj, "
+         "down_proj)."),
         "",
         "| model | loaded as | tokens/s (best) | tokens/s (median) | / base (median of per-round ratios) |",
         "|---|---|---|---|---|",
         *rows,
         "",
-        "eval, chat and serve load through `radscribe.model.load.load_model`, which merges an adapter it is not "
-        "training (`merge_for_inference`), so they run the 'merged' row.",
+        ("eval, chat and serve load through `radscribe.model.load.load_model`, which merges an adapter it is not "
+         "training (`merge_for_inference`), so they run the 'merged' row."),
     ])
     write_section(args.out, section)
     print(f"wrote {args.out}")

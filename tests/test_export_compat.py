@@ -16,7 +16,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from peft import PeftModel
 from PIL import Image
@@ -65,7 +64,12 @@ def greedy(model, processor, image_file, n, logits_prefix):
 def describe(folder):
     """What the stock Auto classes of this transformers read from `folder`, and the model they load."""
     import transformers
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
     config = AutoConfig.from_pretrained(folder)
     text = config.text_config

@@ -130,12 +130,12 @@ def _adapter_shapes(adapter: Path) -> dict[str, tuple]:
     """Tensor name -> shape from the adapter file's header: no tensor data is read."""
     weights = adapter / "adapter_model.safetensors"
     if weights.is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(weights), framework="pt") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+        except (SafetensorError, OSError) as err:
             raise RadscribeError(f"{weights}: not a readable safetensors file ({err})") from None
     legacy = adapter / "adapter_model.bin"
     if legacy.is_file():

@@ -202,7 +202,7 @@ def check_vllm_available(python: str | Path | None = None) -> str | None:
         if not Path(python).is_file():
             raise RadscribeError(f"--vllm-python {python}: no such interpreter; {VLLM_ENV}")
         probe = subprocess.run([str(python), "-c", "import vllm; print(getattr(vllm, '__version__', ''))"],
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=600, check=False)
         if probe.returncode != 0:
             last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
             raise RadscribeError(f"--vllm-python {python} cannot import vllm ({last}); {VLLM_ENV}")

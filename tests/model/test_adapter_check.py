@@ -16,7 +16,12 @@ from test_export import make_adapter
 from radscribe.cli import main
 from radscribe.config import config_from_args
 from radscribe.errors import RadscribeError
-from radscribe.model.adapter_check import RECORD, base_identity, check_adapter, record_base
+from radscribe.model.adapter_check import (
+    RECORD,
+    base_identity,
+    check_adapter,
+    record_base,
+)
 from radscribe.model.load import load_model, load_processor
 from radscribe.model.tiny import build_tiny_model
 from radscribe.train import TrainConfig, train

@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import transformers
 from peft import get_peft_model
 from scratch_venv import TORCHVISION, ScratchVenv
 
