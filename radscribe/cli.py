@@ -258,8 +258,9 @@ def cmd_eval(p) -> None:
               "  radscribe eval --endpoint http://127.0.0.1:8000/v1 --data data/dataset --out evals/served "
               "--concurrency 4")
     for option in ("--model", "--adapter", "--data", "--split", "--batch-size", "--max-new-tokens", "--limit",
-                   "--ablate", "--out", "--temperature", "--top-p", "--seed", "--n-boot", "--workers",
-                   "--overwrite", "--endpoint", "--endpoint-model", "--concurrency", "--api-key-env"):
+                   "--ablate", "--out", "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--seed",
+                   "--n-boot", "--workers", "--overwrite", "--endpoint", "--endpoint-model", "--concurrency",
+                   "--api-key-env"):
         s.flag(option)
     s.flag("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
 
@@ -327,7 +328,12 @@ def cmd_chat(p) -> None:
     p.add_argument("--prompt", default="图片中的诊断结果是怎样?", help="the first question")
     p.add_argument("-i", "--interactive", action="store_true", help="then take follow-up questions (empty line ends)")
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the model's generation_config.json)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass (default: the model's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens, 0 = all "
+                   "(default: the model's)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 
@@ -335,7 +341,8 @@ def cmd_chat(p) -> None:
         from radscribe.serve.chat import chat
 
         chat(a.model, a.image, adapter=a.adapter, prompt=a.prompt, window=a.window, interactive=a.interactive,
-             max_new_tokens=a.max_new_tokens, temperature=a.temperature, dtype=a.dtype, device=a.device)
+             max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+             dtype=a.dtype, device=a.device)
 
     p.set_defaults(handler=run)
 

@@ -43,18 +43,6 @@ class Rejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-def fit_pixels(image, max_pixels: int, min_pixels: int):
-    """Scale an image (keeping aspect) into [min_pixels, max_pixels], as LLaMA-Factory's image_max/min_pixels."""
-    w, h = image.size
-    if w * h > max_pixels:
-        scale = math.sqrt(max_pixels / (w * h))
-    elif w * h < min_pixels:
-        scale = math.sqrt(min_pixels / (w * h))
-    else:
-        return image
-    return image.resize((max(1, int(w * scale)), max(1, int(h * scale))))
-
-
 def chat_segments(processor, messages: list[dict], n_images: int) -> list[tuple[str, bool]]:
     """Render the conversation with the model's own chat template and split it into (text, is_label) pieces.
 
@@ -94,7 +82,12 @@ def chat_segments(processor, messages: list[dict], n_images: int) -> list[tuple[
 
 @dataclass
 class Encoder:
-    """One sample -> model inputs + labels, within `cutoff_len` and without cutting an image token run."""
+    """One sample -> model inputs + labels, within `cutoff_len` and without cutting an image token run.
+
+    Images are sized by the processor itself under the run's pixel limits (`size` = [image_min_pixels,
+    image_max_pixels], radscribe.model.pixels), the policy that eval, chat, serve and export read back from the
+    processor saved with the run: a 1024x1024 scan becomes the same tokens in training and at inference.
+    """
 
     processor: object
     cutoff_len: int
@@ -103,11 +96,17 @@ class Encoder:
 
     def __call__(self, sample) -> dict:
         from radscribe.data.imaging import load_image
+        from radscribe.model.pixels import sized
 
         try:
-            images = [fit_pixels(load_image(p), self.image_max_pixels, self.image_min_pixels) for p in sample.images]
+            images = [load_image(p) for p in sample.images]
         except RadscribeError as err:  # missing, truncated or not an image: the message names the file
             raise Rejected("image unreadable", str(err)) from None
+        try:
+            # sized as the processor will size them, so that the downscaling below starts from what it sees
+            images = [sized(self.processor, im, (self.image_min_pixels, self.image_max_pixels)) for im in images]
+        except ValueError as err:  # the processor's own size rules (an aspect ratio over 200)
+            raise Rejected("image size the processor refuses", str(err)) from None
         pieces = chat_segments(self.processor, sample.messages, len(images))
         for _ in range(MAX_IMAGE_SHRINKS + 1):
             queue = list(images)
@@ -134,7 +133,7 @@ class Encoder:
         taken = queue[:count]
         del queue[:count]
         if taken:
-            enc = dict(self.processor(text=[text], images=taken, return_tensors="pt"))
+            enc = dict(self.processor(text=[text], images=taken, size=self.pixel_size, return_tensors="pt"))
         else:
             # Text-only pieces skip the processor (its per-call overhead was half the encoding time); the
             # per-token keys it would add are constant for text: mask 1, token type 0 (not an image token).
@@ -146,6 +145,11 @@ class Encoder:
         enc["labels"] = ids.clone() if label else torch.full_like(ids, IGNORE_INDEX)
         enc["is_label"] = label
         return enc
+
+    @property
+    def pixel_size(self) -> dict:
+        """The processor's `size` for this run's images: the one image policy (radscribe.model.pixels)."""
+        return {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels}
 
     @functools.cached_property
     def sequence_keys(self) -> list[str]:

@@ -5,7 +5,8 @@ Run as: radscribe export --model BASE --adapter RUN OUT [--quantize 4bit] [--dty
 The folder is the base folder with its weights replaced by the merged ones: every other file of the base
 (config.json, generation_config.json, tokenizer files, preprocessor and video preprocessor configs, chat template,
 licence) is copied byte for byte, and config.json changes only where the merge changes something (the stored
-dtype, and the `quantization_config` of a 4-bit export). So an export of a downloaded Qwen3-VL folder is laid out
+dtype, and the `quantization_config` of a 4-bit export); the image processor's `size` is set to the pixel limits
+the run was trained with (radscribe.model.pixels), so every loader sizes images as training did. So an export of a downloaded Qwen3-VL folder is laid out
 as that download is and loads wherever the download loads (transformers 4.57, the transformers 5.16-5.20 that
 vLLM 0.33 pins, our 5.24; tests/test_export_compat.py). transformers 5.24's own serialisation of those files
 does not: it writes `rope_parameters` where 4.57 reads `rope_scaling` (the mrope settings are lost there) and a
@@ -65,6 +66,7 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
 
     from radscribe.config import save_config
     from radscribe.model.load import check_model_dir, load_model, quantization_config
+    from radscribe.model.pixels import pixel_limits, write_limits
 
     base = check_model_dir(model_dir)
     out = Path(out_dir).expanduser()
@@ -76,13 +78,14 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
         quantization_config(quantize)  # fails early, naming the extra, when bitsandbytes is missing
 
     print(f"radscribe export: loading {base} + adapter {adapter}")
-    merged, _ = load_model(base, adapter=adapter, dtype=dtype, device=device)  # the loader merges at inference
+    merged, processor = load_model(base, adapter=adapter, dtype=dtype, device=device)  # merged at inference
     hidden = _text_config(merged.config).hidden_size
     out.mkdir(parents=True, exist_ok=True)
     copy_published_files(base, out)
     _write_weights(merged, out, max_shard_size)
     set_stored_dtype(out / "config.json", merged.dtype)
     del merged
+    write_limits(out, *pixel_limits(processor))  # the run's image policy, in every processor file
     moved = to_released_expert_layout(out, hidden)
     if quantize:
         _quantize_in_place(out, quantize, device, max_shard_size)

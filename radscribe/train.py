@@ -54,9 +54,11 @@ class DataSection:
     cutoff_len: int = 2048
     """Most tokens per sample; text is truncated, image token runs are never cut."""
     image_max_pixels: int = 768 * 768
-    """Images larger than this are downscaled before encoding (LLaMA-Factory's image_max_pixels)."""
+    """Images larger than this are downscaled (LLaMA-Factory's image_max_pixels); saved as the run's processor
+    limit, so eval, chat, serve and export size images the same way."""
     image_min_pixels: int = 32 * 32
-    """Images are never downscaled below this, neither by the cap above nor to fit `cutoff_len`."""
+    """Images smaller are upscaled to it, and none is downscaled below it to fit `cutoff_len`; it replaces the
+    processor's own floor (65,536 px in the published Qwen3-VL processor)."""
     max_samples: int | None = None
     """Use only the first N training rows (quick runs)."""
     packing: bool = False
@@ -228,7 +230,14 @@ def set_up(cfg: TrainConfig) -> Run:
     run.model, run.processor = _build_model(cfg)
     if dist.is_main() and cfg.lora.enabled:  # what a --resume checks its checkpoint against
         record_base(cfg.model.path, run.processor.tokenizer, run.dir)
+    from radscribe.model import pixels
     from radscribe.model.lora import describe
+
+    # The one image policy: the processor saved with the run carries these limits, and eval/chat/serve/export read
+    # them back from it (radscribe.model.pixels), so an image costs the same tokens there as here.
+    pixels.set_pixel_limits(run.processor, cfg.data.image_min_pixels, cfg.data.image_max_pixels)
+    _say(pixels.describe(run.processor, pixels.PixelLimits(cfg.data.image_min_pixels, cfg.data.image_max_pixels,
+                                                           "data.image_min_pixels / data.image_max_pixels")))
 
     run.described = describe(run.model)
     _say_what_trains(cfg, run.described)

@@ -8,7 +8,7 @@ URL is the base URL an OpenAI client takes (`…/v1`): the model id comes from `
 each sample is one `POST URL/chat/completions`. Its images are loaded here by the one image loader (DICOM windowed,
 ablations applied) exactly as the local eval loads them and sent as lossless PNG data URLs, so the server sees the
 pixels the local eval's model sees, whatever its own image decoder. The generation settings (`temperature` 0 =
-greedy, `top_p`, `seed`, `max_tokens`) are sent with every request and recorded in scores.json. `concurrency`
+greedy, `top_p`, `top_k`, `repetition_penalty`, `seed`, `max_tokens`) are sent with every request and recorded in scores.json. `concurrency`
 requests are in flight at once (a bounded pool); 429 and 503 answers are retried after the server's Retry-After
 (exponential back-off when it gives none), up to `max_retries` times. Any other failure stops the eval with an
 error naming the sample: nothing is skipped, and what was answered in order before it is kept for the rerun.
@@ -146,9 +146,12 @@ class Endpoint:
     def payload(self, request) -> dict:
         """The chat-completions body for an engine Request (images as PNG data URLs, text as text)."""
         body = {"model": self.model, "messages": [_message_json(m) for m in request.messages],
-                "max_tokens": request.max_new_tokens, "temperature": request.temperature, "stream": False}
+                "max_tokens": request.max_new_tokens, "temperature": request.temperature,
+                # always sent: servers default to the model's own (Qwen2.5-VL ships 1.05), greedy or not
+                "repetition_penalty": request.repetition_penalty, "stream": False}
         if request.temperature > 0:
             body["top_p"] = request.top_p
+            body["top_k"] = request.top_k  # vLLM's / llama-server's / radscribe's field; 0 = off
             if request.seed is not None:
                 body["seed"] = request.seed
         return body

@@ -66,9 +66,14 @@ class EvalConfig:
     out: str | None = None
     """Output root; results go to OUT/<split>[-<ablate>]/. Default: RUN/eval when an adapter run is given."""
     temperature: float = 0.0
-    """0 = greedy (the comparable setting); above 0 samples."""
+    """0 = greedy (the comparable setting, and the default whatever the model's generation_config.json says);
+    above 0 samples."""
     top_p: float = 1.0
     """Nucleus mass when sampling."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens when sampling; 0 = all."""
+    repetition_penalty: float = 1.0
+    """Penalty on tokens already generated, greedy too; 1 = none (the model's own value is not applied)."""
     seed: int = 0
     """Seed of sampling, of the shuffle ablation and of the bootstrap."""
     dtype: str = "auto"
@@ -151,6 +156,9 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict:
                        "predict_steps_per_second": round(steps / runtime, 3)}
     scores = {"n": len(rows), "split": cfg.split, "ablate": cfg.ablate, "predict_results": predict_results,
               "metrics": result["metrics"], "settings": settings, "config": dataclasses.asdict(cfg)}
+    policy = getattr(engine, "image_policy", None)  # the run's image policy, as the engine applied it
+    if policy is not None:
+        scores["image_pixels"] = {"min": policy.min_pixels, "max": policy.max_pixels, "source": policy.source}
 
     if real is not None:
         scores["ablation"] = ablation_drop(real, result["columns"], cfg.n_boot, cfg.seed)
@@ -247,7 +255,8 @@ def _predict(cfg: EvalConfig, engine, samples, out: Path) -> tuple[list[dict], f
         sample = samples[index]
         images = [_ablated(load_request_image(p), cfg.ablate) for p in image_of(index)]
         return Request(messages=to_chat(sample.messages[:_last_assistant(sample)], images),
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                       top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
 
     partial = out / "generated_predictions.partial.jsonl"
     rows, runtime, steps = _resume(partial, cfg, samples)
@@ -297,7 +306,8 @@ def _settings(cfg: EvalConfig) -> dict:
     Paths are resolved and each folder is fingerprinted (names, sizes and modification times of its files), so a
     retrained adapter or a re-prepared split at the same path does not pass for the old one.
     """
-    keep = ("split", "limit", "ablate", "max_new_tokens", "temperature", "top_p", "seed", "dtype")
+    keep = ("split", "limit", "ablate", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+            "seed", "dtype")
     adapter = _resolved_adapter(cfg.adapter)
     model = Path(cfg.model) if cfg.model else None
     return {"model": str(model.resolve()) if model else None, "adapter": str(adapter) if adapter else None,

@@ -197,6 +197,8 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     """Load (model, processor) from a local folder; attach the PEFT adapter at `adapter` (RUN or RUN/adapter).
 
     dtype: "auto" keeps the checkpoint's dtype (bf16 for released models, fp32 for tiny ones).
+    The processor sizes images as the adapter's training did (`radscribe.model.pixels`: the pixel limits of the
+    processor saved beside the adapter), else as the base folder's processor does.
     quantization: None or "4bit" (bitsandbytes nf4; CPU and GPU). device: "cpu", "cuda", "cuda:1"…; None =
     this process's GPU when CUDA is available (cuda:LOCAL_RANK under torchrun, radscribe.dist), else cpu; the
     weights go there as they are read (`placement`). trainable: False returns the model in eval mode with
@@ -217,6 +219,9 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     processor = load_processor(path)
     if adapter_dir is not None:  # before any weights are read: one line naming both folders if it does not fit
         check_adapter(path, adapter_dir, processor.tokenizer)
+        from radscribe.model.pixels import apply_trained_limits
+
+        apply_trained_limits(processor, adapter_dir)  # the image policy the adapter was trained with
 
     kwargs = {"dtype": torch_dtype}
     if where.device_map is not None:

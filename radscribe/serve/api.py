@@ -465,7 +465,10 @@ def create_app(engine, cfg: ServeConfig | None = None):
     async def health():
         calls = batcher.generate_calls
         saturated = admission.saturated
+        defaults, policy = getattr(engine, "defaults", None), getattr(engine, "image_policy", None)
         return {"status": "saturated" if saturated else "ok", "model": cfg.model_name,
+                "sampling_defaults": defaults.as_dict() if defaults is not None else None,
+                "image_pixels": [policy.min_pixels, policy.max_pixels] if policy is not None else None,
                 "queued": admission.waiting, "generating": admission.running, "max_queue": cfg.max_queue,
                 "queued_pixels": admission.pixels, "max_queued_pixels": cfg.max_queued_pixels,
                 "saturated": saturated, "in_flight": guard.in_flight, "generate_calls": calls,
@@ -531,10 +534,16 @@ def create_app(engine, cfg: ServeConfig | None = None):
         del body
         ticket = _admit(request, [image])  # decoding costs the same memory as for a completion
         try:
-            png = await run_in_threadpool(_preview_png, image)
+            png, size = await run_in_threadpool(_preview_png, engine, image)
         finally:
             ticket.release()
-        return Response(png, media_type="image/png")
+        headers = {"X-Image-Size": f"{size[0]}x{size[1]}"}
+        processor = getattr(engine, "processor", None)
+        if processor is not None:
+            from radscribe.model.pixels import image_tokens
+
+            headers["X-Image-Tokens"] = str(image_tokens(processor, *size))
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/")
     async def index():
@@ -668,13 +677,22 @@ def _completion_params(body: dict, cfg: ServeConfig) -> dict:
     if max_tokens > cfg.max_tokens_limit:
         raise RequestRejected(f"`max_tokens` {max_tokens} is over this server's limit of {cfg.max_tokens_limit}",
                               param="max_tokens")
-    temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
-    if 0 < temperature < MIN_TEMPERATURE:
+    # Unset sampling fields stay None: the engine fills them from the model's generation_config.json.
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
         raise RequestRejected(f"`temperature` must be 0 (greedy) or at least {MIN_TEMPERATURE}; {temperature} "
                               "overflows the logits", param="temperature")
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p == 0.0:
         raise RequestRejected("`top_p` must be greater than 0", param="top_p")
+    top_k = body.get("top_k")  # vLLM's extension of the OpenAI fields, honoured by both backends
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1):
+        raise RequestRejected("`top_k` must be a whole number: -1 or 0 (off), or the tokens to sample among",
+                              param="top_k")
+    top_k = 0 if top_k == -1 else top_k  # vLLM spells "off" -1
+    repetition_penalty = _number(body, "repetition_penalty", 0.0, 2.0)
+    if repetition_penalty == 0.0:
+        raise RequestRejected("`repetition_penalty` must be greater than 0", param="repetition_penalty")
     if body.get("n", 1) != 1:
         raise RequestRejected("only `n` = 1 is supported", param="n")
     stream = body.get("stream", False)
@@ -685,13 +703,14 @@ def _completion_params(body: dict, cfg: ServeConfig) -> dict:
         raise RequestRejected("`seed` must be an integer", param="seed")
     if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
         raise RequestRejected(f"`seed` must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - 1}]", param="seed")
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stream": stream, "seed": seed}
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "repetition_penalty": repetition_penalty, "stream": stream, "seed": seed}
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, name: str, low: float, high: float) -> float | None:
     value = body.get(name)
     if value is None:
-        return default
+        return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
         raise RequestRejected(f"`{name}` must be a number in [{low}, {high}]", param=name)
     return float(value)
@@ -765,25 +784,14 @@ def _decoded(engine, messages: list[dict], pending: list[_PendingImage]) -> list
 
 
 def processor_sized(engine, image):
-    """`image` resized, here in the request's own thread, to the size the engine's Qwen-VL image processor would
-    resize it to, with the processor's own filter (PIL bicubic): the processor then finds nothing to resize, so
-    the pixels it sees are the same, but the seconds a 4096x4096 upload costs are spent in parallel rather than in
-    the one worker thread every request waits for, and a queued request holds the small image, not the large one.
-    Processors without Qwen-VL's dynamic size (`smart_resize`) are left to do their own resizing."""
-    import sys
+    """`image` resized, here in the request's own thread, to the size the engine's image processor would resize it
+    to under its pixel limits (radscribe.model.pixels.sized: the run's image policy): the pixels the processor sees
+    are the same, but the seconds a 4096x4096 upload costs are spent in parallel rather than in the one worker
+    thread every request waits for, and a queued request holds the small image, not the large one."""
+    from radscribe.model.pixels import sized
 
-    processor = getattr(getattr(engine, "processor", None), "image_processor", None)
-    # The size rule of the processor's own module (the PIL and the torchvision backends each define it).
-    smart_resize = getattr(sys.modules.get(type(processor).__module__), "smart_resize", None)
-    size = getattr(processor, "size", None)
-    edges = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
-    if smart_resize is None or not getattr(processor, "do_resize", False) or None in edges:
-        return image
-    height, width = smart_resize(image.height, image.width, factor=processor.patch_size * processor.merge_size,
-                                 min_pixels=edges[0], max_pixels=edges[1])
-    if (width, height) == image.size:
-        return image
-    return image.resize((width, height), resample=processor.resample)
+    processor = getattr(engine, "processor", None)
+    return image if processor is None else sized(processor, image)
 
 
 def decode_image(image: _PendingImage):
@@ -799,19 +807,20 @@ def decode_image(image: _PendingImage):
         raise RequestRejected(f"{image.param}: {err}", param=image.param) from None
 
 
-def _preview_png(image: _PendingImage) -> bytes:
-    picture = decode_image(image)
-    picture.thumbnail((768, 768))
+def _preview_png(engine, image: _PendingImage) -> tuple[bytes, tuple[int, int]]:
+    """The image as the model sees it: decoded, then sized under the engine's image policy (PNG, its size)."""
+    picture = processor_sized(engine, decode_image(image))
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
-    return buf.getvalue()
+    return buf.getvalue(), picture.size
 
 
 def _engine_request(messages: list[dict], params: dict):
     from radscribe.serve.engine import Request
 
     return Request(messages=messages, max_new_tokens=params["max_tokens"], temperature=params["temperature"],
-                   top_p=params["top_p"], seed=params["seed"], cancel=threading.Event())
+                   top_p=params["top_p"], top_k=params["top_k"], repetition_penalty=params["repetition_penalty"],
+                   seed=params["seed"], cancel=threading.Event())
 
 
 def _finish_reason(engine, text: str, max_tokens: int) -> str:

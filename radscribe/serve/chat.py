@@ -4,7 +4,9 @@ Run as: radscribe chat --model BASE [--adapter RUN] --image FILE [--window lung]
 
 The image is decoded once by the one image loader (DICOM/NIfTI windowed with `--window`) and stays in the first
 user turn; every follow-up is a new user turn after the previous answers, so the model sees the whole
-conversation, as the API and the web page do. Generation goes through `radscribe.serve.engine.Engine.stream`.
+conversation, as the API and the web page do. Generation goes through `radscribe.serve.engine.Engine.stream`, with
+the model's generation_config.json sampling defaults unless --temperature / --top-p / --top-k say otherwise
+(--temperature 0 is greedy), and the run's image policy (radscribe.model.pixels).
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ QUIT_WORDS = {"", "exit", "quit", ":q"}
 
 def chat(model: str, image: str, adapter: str | None = None, prompt: str = DEFAULT_PROMPT,
          window: str | None = None, interactive: bool = False, max_new_tokens: int = 512,
-         temperature: float = 0.0, dtype: str = "auto", device: str | None = None) -> list[dict]:
-    """Load the engine and run one chat session on stdin/stdout; returns the transcript."""
+         temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+         seed: int | None = None, dtype: str = "auto", device: str | None = None) -> list[dict]:
+    """Load the engine and run one chat session on stdin/stdout; returns the transcript. Sampling settings left
+    None are the model's generation_config.json."""
     from radscribe.serve.engine import Engine
 
     picture = open_image(image, window)
     engine = Engine.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
     return run_chat(engine, picture, prompt, interactive=interactive, max_new_tokens=max_new_tokens,
-                    temperature=temperature)
+                    sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed})
 
 
 def open_image(path: str, window: str | None = None):
@@ -44,8 +48,10 @@ def open_image(path: str, window: str | None = None):
 
 
 def run_chat(engine, image, prompt: str = DEFAULT_PROMPT, interactive: bool = False, max_new_tokens: int = 512,
-             temperature: float = 0.0, read: Callable[[str], str] = input, out: TextIO | None = None) -> list[dict]:
-    """Stream the answer to `prompt` about `image`, then (interactive) answer follow-ups until an empty line/EOF."""
+             sampling: dict | None = None, read: Callable[[str], str] = input,
+             out: TextIO | None = None) -> list[dict]:
+    """Stream the answer to `prompt` about `image`, then (interactive) answer follow-ups until an empty line/EOF.
+    `sampling`: Request fields (temperature, top_p, top_k, seed); absent or None = the model's defaults."""
     from radscribe.serve.engine import Request
 
     out = out or sys.stdout
@@ -53,8 +59,7 @@ def run_chat(engine, image, prompt: str = DEFAULT_PROMPT, interactive: bool = Fa
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
     while True:
         answer = []
-        for delta in engine.stream(Request(messages=messages, max_new_tokens=max_new_tokens,
-                                           temperature=temperature)):
+        for delta in engine.stream(Request(messages=messages, max_new_tokens=max_new_tokens, **(sampling or {}))):
             answer.append(delta)
             out.write(delta)
             out.flush()

@@ -8,12 +8,20 @@ eval, chat, the API and the web page all generate through it:
     for delta in engine.stream(request): print(delta, end="")
 
 Image entries may hold a PIL image, a path or bytes; the latter two go through `radscribe.data.imaging.load_image`
-(DICOM and NIfTI included). Requests with different sampling settings never share a batch; within a batch the
-longest `max_new_tokens` runs and each answer is cut to its own budget.
+(DICOM and NIfTI included), and the processor sizes them under the run's image policy (radscribe.model.pixels).
+Requests with different sampling settings never share a batch; within a batch the longest `max_new_tokens` runs
+and each answer is cut to its own budget.
+
+Sampling settings a request leaves unset (None) are the model's own `generation_config.json`
+(`sampling_defaults`): the published Qwen3-VL Instruct folders sample with temperature 0.7, top_p 0.8, top_k 20.
+The same resolved values are what the vLLM backend is started with (radscribe/serve/vllm.py), so both answer a
+request alike. Eval asks for greedy decoding explicitly (temperature 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +44,14 @@ class Request:
     """Chat messages in the processor's format: content is a string or a list of {"type": "image"|"text", ...}."""
     max_new_tokens: int = 512
     """Most tokens to generate."""
-    temperature: float = 0.0
-    """0 = greedy decoding; above 0 samples."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (only when sampling)."""
+    temperature: float | None = None
+    """0 = greedy decoding; above 0 samples; None = the model's generation_config.json."""
+    top_p: float | None = None
+    """Nucleus sampling mass (only when sampling); None = the model's."""
+    top_k: int | None = None
+    """Sample among the k likeliest tokens, 0 = all (only when sampling); None = the model's."""
+    repetition_penalty: float | None = None
+    """Divides the logits of tokens already in the sequence (1 = none; greedy too); None = the model's."""
     seed: int | None = None
     """Sampling seed (torch's range, -2**63 .. 2**64-1); requests sampled in one batch share the batch's stream."""
     cancel: threading.Event | None = None
@@ -61,6 +73,36 @@ class Generation:
     the request's `cancel` event did."""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved sampling settings: what a request gets for every field it leaves unset."""
+
+    temperature: float
+    """0 = greedy."""
+    top_p: float
+    top_k: int
+    """0 = off."""
+    repetition_penalty: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def sampling_defaults(generation_config: dict) -> Sampling:
+    """A model's generation_config.json (as a dict) -> the settings a request gets by default.
+
+    Spelled out for both backends (ours passes them to `generate`, vLLM gets them with `--generation-config vllm
+    --override-generation-config`), so neither falls back on its own defaults: a key the file lacks means what it
+    means to transformers 5 (top_p 1, top_k off, no penalty). `do_sample` false, or a temperature below
+    MIN_TEMPERATURE (Qwen2.5-VL ships 1e-06, greedy in effect and in vLLM), is greedy decoding."""
+    temperature = float(generation_config.get("temperature") or 1.0)
+    sample = bool(generation_config.get("do_sample")) and temperature >= MIN_TEMPERATURE
+    return Sampling(temperature=temperature if sample else 0.0,
+                    top_p=float(generation_config.get("top_p") or 1.0),
+                    top_k=int(generation_config.get("top_k") or 0),
+                    repetition_penalty=float(generation_config.get("repetition_penalty") or 1.0))
+
+
 def load_request_image(image):
     """A chat image entry (PIL image, path or bytes) -> an RGB PIL image, through the project's one image loader."""
     from PIL import Image
@@ -77,9 +119,13 @@ def load_request_image(image):
 class Engine:
     """Wraps (model, processor) from `radscribe.model.load.load_model`."""
 
-    def __init__(self, model, processor, batch_size: int = 8):
+    def __init__(self, model, processor, batch_size: int = 8, image_policy=None):
         self.model = model
         self.processor = processor
+        self.defaults = sampling_defaults(model.generation_config.to_dict())
+        """What a request gets for the sampling fields it leaves unset (the model's generation_config.json)."""
+        self.image_policy = image_policy
+        """radscribe.model.pixels.PixelLimits in force (from_pretrained says where they came from)."""
         self.tokenizer = processor.tokenizer
         self.batch_size = batch_size
         # One generate call at a time: the API's worker thread and a streaming thread must not interleave on the
@@ -93,11 +139,30 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
                         quantization: str | None = None, device: str | None = None, batch_size: int = 8) -> "Engine":
-        from radscribe.model.load import load_model
+        from radscribe.model import pixels
+        from radscribe.model.load import load_model, resolve_adapter
 
         model, processor = load_model(model_dir, adapter=adapter, dtype=dtype, quantization=quantization,
                                       device=device)
-        return cls(model, processor, batch_size=batch_size)
+        policy = pixels.policy(processor, model_dir, resolve_adapter(adapter) if adapter is not None else None)
+        engine = cls(model, processor, batch_size=batch_size, image_policy=policy)
+        # Said once at start (stderr: stdout carries answers): which image policy and sampling defaults apply.
+        print(f"radscribe: {pixels.describe(processor, policy)}", file=sys.stderr, flush=True)
+        print(f"radscribe: sampling defaults (from {model_dir}/generation_config.json; a request's own settings "
+              f"win): {engine.defaults.as_dict()}", file=sys.stderr, flush=True)
+        return engine
+
+    def resolve(self, request: Request) -> Request:
+        """`request` with every unset sampling field filled from the model's defaults, and checked."""
+        d = self.defaults
+        resolved = dataclasses.replace(
+            request, temperature=d.temperature if request.temperature is None else request.temperature,
+            top_p=d.top_p if request.top_p is None else request.top_p,
+            top_k=d.top_k if request.top_k is None else request.top_k,
+            repetition_penalty=d.repetition_penalty if request.repetition_penalty is None
+            else request.repetition_penalty)
+        _check(resolved)
+        return resolved
 
     def generate(self, requests: list[Request], batch_size: int | None = None, progress: bool = False) -> list[str]:
         """Answers in request order; requests are batched (`batch_size`) among those with equal sampling settings."""
@@ -109,11 +174,11 @@ class Engine:
         from tqdm import tqdm
 
         batch_size = batch_size or self.batch_size
-        for r in requests:
-            _check(r)
+        requests = [self.resolve(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for index, r in enumerate(requests):
-            key = (0.0, 1.0, None) if r.temperature == 0 else (r.temperature, r.top_p, r.seed)
+            key = ((0.0, 1.0, 0, r.repetition_penalty, None) if r.temperature == 0 else
+                   (r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.seed))
             groups.setdefault(key, []).append(index)
         answers: list[Generation | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generating", unit="sample", disable=not progress)
@@ -128,11 +193,10 @@ class Engine:
 
     def stream(self, request: Request) -> Iterator[str]:
         """Text deltas of one answer as they are generated. Closing the iterator stops generation."""
+        import torch
         from transformers import TextIteratorStreamer
 
-        import torch
-
-        _check(request)
+        request = self.resolve(request)
         inputs = self._encode([request])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancelled = threading.Event()  # set when the consumer closes the iterator
@@ -206,12 +270,14 @@ class Engine:
         return self._max_token_chars
 
     def _generation_kwargs(self, request: Request) -> dict:
+        """`generate` arguments of a resolved request, every sampling setting explicit (nothing is left to the
+        checkpoint's generation_config, which `resolve` has already read)."""
         kwargs = {"max_new_tokens": request.max_new_tokens, "eos_token_id": self.eos_token_ids,
-                  "pad_token_id": self.tokenizer.pad_token_id, "use_cache": True}
+                  "pad_token_id": self.tokenizer.pad_token_id, "use_cache": True,
+                  "repetition_penalty": request.repetition_penalty}
         if request.temperature > 0:
-            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
         else:
-            # Explicit: a checkpoint's generation_config may ask for sampling (Qwen's released ones do).
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
@@ -289,3 +355,7 @@ def _check(r: Request) -> None:
         raise RadscribeError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - 1}], got {r.seed}")
     if not 0 < r.top_p <= 1:
         raise RadscribeError(f"top_p must be in (0, 1], got {r.top_p}")
+    if not (isinstance(r.top_k, int) and r.top_k >= 0):
+        raise RadscribeError(f"top_k must be a whole number, 0 (off) or more, got {r.top_k}")
+    if not 0 < r.repetition_penalty < float("inf"):
+        raise RadscribeError(f"repetition_penalty must be positive, got {r.repetition_penalty}")

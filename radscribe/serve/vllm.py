@@ -13,7 +13,11 @@ vLLM cannot apply a LoRA to the fused MoE experts of a VL model, so it serves th
 wrote (adapter merged, experts in the released layout), never base + adapter. vLLM is never imported here; the
 server runs as `VLLM_PYTHON -m vllm.entrypoints.openai.api_server`, with our defaults carried over: loopback bind, the API key from the environment (not the command
 line, where `ps` would show it), a per-prompt image limit, no video, and no media fetched from the network or
-the disk unless allow-listed.
+the disk unless allow-listed, and the same sampling defaults as radscribe's own backend: the export's
+generation_config.json read by `radscribe.serve.engine.sampling_defaults` and passed explicitly
+(`--generation-config vllm --override-generation-config {...}`: only those values, none of vLLM's own), so a
+request that leaves temperature/top_p/top_k/repetition_penalty unset is answered alike by both backends. The
+export's processor files carry the run's image policy (radscribe.model.pixels), which vLLM's processor reads.
 
 Every `radscribe serve` option is either passed on to vLLM's equivalent (`PASSED_ON`) or, when it is set (given
 on the command line or away from its default), refused in one line before anything starts (`REFUSED`): vLLM has
@@ -170,10 +174,24 @@ def vllm_command(export_dir: str | Path, host: str, port: int, model_name: str, 
            "--allowed-media-domains", *(list(allow_hosts) or [NO_DOMAIN])]
     if allow_folder is not None:
         cmd += ["--allowed-local-media-path", str(Path(allow_folder).resolve())]
+    cmd += ["--generation-config", "vllm", "--override-generation-config",
+            json.dumps(export_sampling_defaults(folder).as_dict())]
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("quantization_config", {}).get("quant_method") == "bitsandbytes":
         cmd += ["--quantization", "bitsandbytes"]
     return cmd + list(extra)
+
+
+def export_sampling_defaults(folder: Path):
+    """The sampling defaults of a model folder: its generation_config.json, as radscribe's engine reads it."""
+    from radscribe.serve.engine import sampling_defaults
+
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise RadscribeError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    return sampling_defaults(config)
 
 
 def check_export(export_dir: str | Path) -> Path:

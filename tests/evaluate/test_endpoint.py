@@ -149,9 +149,10 @@ def test_requests_are_greedy_with_the_settings_and_the_exact_pixels(small_datase
         scores = evaluate(cfg, engine=Endpoint(url, api_key="sekrit", concurrency=1))
     assert len(stub.bodies) == len(samples) == scores["n"]
     for body, headers, sample in zip(stub.bodies, stub.headers, samples):
-        assert {k: body[k] for k in ("model", "max_tokens", "temperature", "stream")} == \
-               {"model": "stub-model", "max_tokens": 33, "temperature": 0.0, "stream": False}
-        assert "top_p" not in body and "seed" not in body  # greedy: nothing that could sample
+        assert {k: body[k] for k in ("model", "max_tokens", "temperature", "repetition_penalty", "stream")} == \
+               {"model": "stub-model", "max_tokens": 33, "temperature": 0.0, "repetition_penalty": 1.0,
+                "stream": False}  # no penalty, whatever the server's model defaults to
+        assert "top_p" not in body and "top_k" not in body and "seed" not in body  # greedy: nothing that could sample
         assert headers["Authorization"] == "Bearer sekrit"
         assert prompt_text(body) == "图片中的诊断结果是怎样?"
         sent = image_of(body)
@@ -167,9 +168,9 @@ def test_sampled_settings_are_sent_as_recorded(small_dataset, tmp_path):
     stub = Stub(lambda body, n: answer("x"))
     with stub_server(stub) as url:
         cfg = EvalConfig(data=str(small_dataset), endpoint=url, out=str(tmp_path), limit=2, temperature=0.7,
-                         top_p=0.8, seed=5, n_boot=20)
+                         top_p=0.8, top_k=20, seed=5, n_boot=20)
         evaluate(cfg, engine=Endpoint(url))
-    assert [(b["temperature"], b["top_p"], b["seed"]) for b in stub.bodies] == [(0.7, 0.8, 5)] * 2
+    assert [(b["temperature"], b["top_p"], b["top_k"], b["seed"]) for b in stub.bodies] == [(0.7, 0.8, 20, 5)] * 2
 
 
 def test_busy_answers_are_retried_after_the_servers_retry_after(small_dataset, tmp_path):

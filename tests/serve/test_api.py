@@ -37,11 +37,15 @@ def test_models_health_and_a_plain_completion(scripted):
     reply = httpx.post(f"{url}/v1/chat/completions", json=body).json()
     assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": "report 32x24 for 图片中的诊断结果是怎样?"}
-    assert engine.requests[-1].max_new_tokens == 16 and engine.requests[-1].temperature == 0.0
-    body.update(temperature=0.7, top_p=0.9, seed=11)
+    r = engine.requests[-1]  # sampling fields not sent stay unset: the engine fills in the model's defaults
+    assert r.max_new_tokens == 16 and (r.temperature, r.top_p, r.top_k, r.repetition_penalty) == (None,) * 4
+    body.update(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.1, seed=11)
     httpx.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
     r = engine.requests[-1]
-    assert (r.temperature, r.top_p, r.seed) == (0.7, 0.9, 11)
+    assert (r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.seed) == (0.7, 0.9, 5, 1.1, 11)
+    body.update(top_k=-1)  # vLLM's spelling of "off"
+    httpx.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
+    assert engine.requests[-1].top_k == 0
 
 
 @pytest.mark.parametrize("media, make", [("image/jpeg", "JPEG"), ("image/webp", "WEBP")])
@@ -108,6 +112,9 @@ BAD_REQUESTS = [
     ("unknown model", {"model": "gpt-4o", "messages": [user("q")]}, 404, "model_not_found"),
     ("max_tokens over the limit", {"messages": [user("q")], "max_tokens": 100000}, 400, "max_tokens"),
     ("negative temperature", {"messages": [user("q")], "temperature": -1}, 400, "temperature"),
+    ("top_k below -1", {"messages": [user("q")], "top_k": -2}, 400, "top_k"),
+    ("top_k not whole", {"messages": [user("q")], "top_k": 2.5}, 400, "top_k"),
+    ("repetition_penalty 0", {"messages": [user("q")], "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("n > 1", {"messages": [user("q")], "n": 3}, 400, "n"),
     ("seed not an integer", {"messages": [user("q")], "seed": "x"}, 400, "seed"),
     ("bad role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]"),

@@ -41,6 +41,18 @@ async function loadModelId() {
   if (resp.ok) state.model = (await resp.json()).data[0].id;
 }
 
+// The page sends no sampling fields: the server answers with the model's generation_config.json defaults,
+// which it reports on /health and the settings show.
+async function showSamplingDefaults() {
+  const resp = await fetch("/health");
+  const d = resp.ok ? (await resp.json()).sampling_defaults : null;
+  if (!d) return;
+  const how = d.temperature === 0 ? "greedy" :
+    `temperature ${d.temperature}, top_p ${d.top_p}, top_k ${d.top_k || "off"}`;
+  $("sampling").textContent = `Sampling: ${how} (the model's generation_config.json)`;
+}
+showSamplingDefaults();
+
 function resetConversation() {
   state.epoch += 1;
   if (state.abort) state.abort.abort();  // an answer about the previous image must not land in the new chat
@@ -84,7 +96,9 @@ async function showPreview() {
   img.hidden = false;
   await img.decode().catch(() => {});
   if (epoch !== state.epoch) return;
-  $("preview-caption").textContent = `${state.fileName} — ${img.naturalWidth}×${img.naturalHeight} as the model sees it`;
+  const tokens = resp.headers.get("X-Image-Tokens");
+  $("preview-caption").textContent = `${state.fileName} — ${img.naturalWidth}×${img.naturalHeight} as the model sees it` +
+    (tokens ? ` (${tokens} image tokens)` : "");
   $("generate").disabled = state.busy;
   setStatus("");
 }
