@@ -64,8 +64,11 @@ def test_upload_png_streams_a_report_and_answers_a_follow_up(browser, server, tm
 
     page.set_input_files("#file", str(image_path))
     page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
-    assert page.inner_text("#preview-caption").startswith("phantom.png — 160×160")
+    # the tiny processor's policy keeps 160x160 (5x5 tokens of 32 px); the caption says what it costs
+    assert page.inner_text("#preview-caption") == "phantom.png — 160×160 as the model sees it (25 image tokens)"
     page.click("summary")  # the settings fold
+    # the page sends no sampling fields: the server's defaults, the tiny model's generation_config (greedy)
+    assert page.inner_text("#sampling") == "Sampling: greedy (the model's generation_config.json)"
     page.fill("#max-tokens", "24")
     page.click("#generate")
     page.wait_for_selector(".turn.assistant.done", timeout=60_000)
