@@ -81,15 +81,20 @@ def sized(processor, image, limits: tuple[int, int] | None = None):
     return image.resize((width, height), resample=image_processor.resample)
 
 
+def _saved_settings(folder: str | Path):
+    """(file, its whole JSON, the image processor's settings within it) for each processor file in `folder`."""
+    for name in (_NESTED, _FLAT):
+        path = Path(folder) / name
+        if path.is_file():
+            whole = json.loads(path.read_text(encoding="utf-8"))
+            settings = whole.get("image_processor") if name == _NESTED else whole
+            if isinstance(settings, dict):
+                yield path, whole, settings
+
+
 def saved_limits(folder: str | Path) -> tuple[int, int] | None:
     """The pixel limits of the processor saved in `folder` (a run's adapter/ or model/, an export), or None."""
-    folder = Path(folder)
-    for name in (_NESTED, _FLAT):
-        path = folder / name
-        if not path.is_file():
-            continue
-        settings = json.loads(path.read_text(encoding="utf-8"))
-        settings = settings.get("image_processor", {}) if name == _NESTED else settings
+    for _, _, settings in _saved_settings(folder):
         size = settings.get("size") or {}
         low = size.get("shortest_edge", settings.get("min_pixels"))
         high = size.get("longest_edge", settings.get("max_pixels"))
@@ -113,19 +118,11 @@ def write_limits(folder: str | Path, min_pixels: int, max_pixels: int) -> None:
     """Write the pixel limits into every processor file of a saved folder (an export), so every loader reads the
     same policy: transformers 5 reads processor_config.json, transformers 4.x and vLLM's HF processor
     preprocessor_config.json."""
-    folder = Path(folder)
-    for name in (_NESTED, _FLAT):
-        path = folder / name
-        if not path.is_file():
-            continue
-        settings = json.loads(path.read_text(encoding="utf-8"))
-        target = settings.get("image_processor") if name == _NESTED else settings
-        if not isinstance(target, dict):
-            continue
-        target["size"] = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    for path, whole, settings in list(_saved_settings(folder)):
+        settings["size"] = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         for legacy in ("min_pixels", "max_pixels"):  # Qwen2.5-VL's published keys would override `size`
-            target.pop(legacy, None)
-        path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            settings.pop(legacy, None)
+        path.write_text(json.dumps(whole, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def describe(processor, limits: PixelLimits) -> str:
