@@ -89,6 +89,21 @@ def test_the_run_saves_its_pixel_limits_with_its_processor(trained_run):
     assert pixels.saved_limits(trained_run / "adapter") == (DEFAULT_MIN, DEFAULT_MAX)
 
 
+def test_a_run_saved_before_the_limits_were_recorded_is_served_as_it_was_trained(real_model_dir, trained_run,
+                                                                                 tmp_path):
+    import shutil
+
+    # such a run saved the published processor limits, while its training capped images at data.image_max_pixels
+    old = tmp_path / "old-run"
+    shutil.copytree(trained_run, old)
+    pixels.write_limits(old / "adapter", *PUBLISHED)
+    assert pixels.saved_limits(old / "adapter") == PUBLISHED
+    assert pixels.trained_limits(old / "adapter") == (PUBLISHED[0], DEFAULT_MAX)  # the published floor applied
+    engine = Engine.from_pretrained(real_model_dir("qwen3_vl"), adapter=old, device="cpu")
+    assert _image_tokens(engine, _image()) == TOKENS_AT_CAP
+    assert _image_tokens(engine, _image((64, 64))) == 64  # scaled up to the floor, as that training did
+
+
 def test_training_encodes_a_1024_image_to_the_tokens_inference_gives_it(run_engine, base_engine, tmp_path):
     from radscribe.encode import Encoder
 

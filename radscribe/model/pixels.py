@@ -7,7 +7,8 @@ those two numbers on the processor, and every stage sizes images by applying the
 - `radscribe train` sets them from `data.image_min_pixels` / `data.image_max_pixels` (`set_pixel_limits`) and
   saves that processor into RUN/adapter/ (or RUN/model/);
 - eval, chat, serve, the web preview and export load a run's processor limits back (`load_model(adapter=RUN)`
-  calls `apply_trained_limits`), so a 1024x1024 image is the same number of tokens in all of them;
+  calls `apply_trained_limits`; `trained_limits` also bounds them by RUN/config.yaml for runs saved before the
+  limits were recorded), so a 1024x1024 image is the same number of tokens in all of them;
 - a base model without a run keeps its own processor's limits (Qwen3-VL as published: 65,536 to 16,777,216 px,
   64 to 16,384 tokens), and `describe` says which limits are in force and where they came from.
 
@@ -103,10 +104,31 @@ def saved_limits(folder: str | Path) -> tuple[int, int] | None:
     return None
 
 
+def trained_limits(adapter_dir: str | Path) -> tuple[int, int] | None:
+    """The pixel range images had when the adapter at `adapter_dir` was trained, or None when nothing says.
+
+    The processor saved beside the adapter says it. In a radscribe run folder, RUN/config.yaml's data section
+    bounds it too: runs trained before the limits were set on the processor saved the base processor's range,
+    while training had capped images at data.image_max_pixels (and the processor's floor still applied), so the
+    range in force was the intersection of the two; for newer runs both say the same."""
+    saved = saved_limits(adapter_dir)
+    if saved is None:
+        return None
+    config = Path(adapter_dir).parent / "config.yaml"
+    if not config.is_file():
+        return saved
+    import yaml
+
+    data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
+    low, high = data.get("image_min_pixels"), data.get("image_max_pixels")
+    return (max(saved[0], int(low)) if low is not None else saved[0],
+            min(saved[1], int(high)) if high is not None else saved[1])
+
+
 def apply_trained_limits(processor, adapter_dir: str | Path) -> PixelLimits | None:
-    """Give `processor` the pixel limits the adapter at `adapter_dir` was trained with (read back from the
-    processor training saved beside it); None, and `processor` unchanged, when that folder saved no processor."""
-    limits = saved_limits(adapter_dir)
+    """Give `processor` the pixel limits the adapter at `adapter_dir` was trained with (`trained_limits`);
+    None, and `processor` unchanged, when that folder saved no processor."""
+    limits = trained_limits(adapter_dir)
     if limits is None:
         return None
     _check(*limits, f"{adapter_dir}: the saved processor's size")
@@ -141,7 +163,7 @@ def _check(min_pixels: int, max_pixels: int, what: str) -> None:
 def policy(processor, model_dir: str | Path, adapter_dir: str | Path | None = None) -> PixelLimits:
     """The limits `processor` applies (as `load_model` left it), named by where they came from."""
     low, high = pixel_limits(processor)
-    if adapter_dir is not None and saved_limits(adapter_dir) == (low, high):
+    if adapter_dir is not None and trained_limits(adapter_dir) == (low, high):
         source = f"as trained: the processor saved with {adapter_dir}"
     elif adapter_dir is not None:
         source = f"{adapter_dir} saved no processor, so the base processor's own limits ({model_dir})"
