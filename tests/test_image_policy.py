@@ -148,11 +148,14 @@ def _completion(url, image=None, **fields):
     return reply.json()
 
 
-def test_served_1024_image_costs_at_most_the_576_tokens_of_training(served):
+def test_served_1024_image_costs_at_most_the_576_tokens_of_training(served, run_engine):
     with_image = _completion(served, _image(), temperature=0)["usage"]["prompt_tokens"]
     text_only = _completion(served, temperature=0)["usage"]["prompt_tokens"]
     vision_markers = 2  # <|vision_start|> <|vision_end|>
     assert with_image - text_only - vision_markers == TOKENS_AT_CAP <= 576
+    # the admission count (--max-prompt-tokens), made from the image size before decoding, is the same number
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+    assert run_engine.prompt_tokens(one, [(1024, 1024)]) == with_image
     assert httpx.get(f"{served}/health").json()["image_pixels"] == [DEFAULT_MIN, DEFAULT_MAX]
 
 
