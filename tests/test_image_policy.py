@@ -173,10 +173,22 @@ def test_web_preview_shows_the_image_at_the_policy_size(served):
 def test_export_carries_the_policy_into_every_processor_file(real_model_dir, trained_run, tmp_path):
     from radscribe.export import export
 
-    out = export(real_model_dir("qwen3_vl"), trained_run, tmp_path / "merged")
-    nested = json.loads((out / "processor_config.json").read_text())["image_processor"]["size"]
-    flat = json.loads((out / "preprocessor_config.json").read_text())["size"]  # what transformers 4.x / vLLM read
-    assert nested == flat == {"shortest_edge": DEFAULT_MIN, "longest_edge": DEFAULT_MAX}
+    base = real_model_dir("qwen3_vl")
+    out = export(base, trained_run, tmp_path / "merged")
+    # the export is the base's files with merged weights: its preprocessor_config.json (what transformers 4.x,
+    # 5.x and vLLM read) keeps the published layout, with the run's limits as its size
+    flat = json.loads((out / "preprocessor_config.json").read_text())
+    published = json.loads((base / "preprocessor_config.json").read_text())
+    assert flat["size"] == {"shortest_edge": DEFAULT_MIN, "longest_edge": DEFAULT_MAX}
+    assert {k: v for k, v in flat.items() if k != "size"} == {k: v for k, v in published.items() if k != "size"}
+    # a transformers-5 processor_config.json nesting the image processor gets the same limits
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "processor_config.json").write_text(json.dumps({"image_processor": {"size": {
+        "shortest_edge": PUBLISHED[0], "longest_edge": PUBLISHED[1]}, "min_pixels": 1}}))
+    pixels.write_limits(nested, DEFAULT_MIN, DEFAULT_MAX)
+    assert json.loads((nested / "processor_config.json").read_text()) == {"image_processor": {"size": {
+        "shortest_edge": DEFAULT_MIN, "longest_edge": DEFAULT_MAX}}}
     exported = Engine.from_pretrained(out, device="cpu")
     assert _image_tokens(exported, _image()) == TOKENS_AT_CAP
 
