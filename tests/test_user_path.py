@@ -143,7 +143,8 @@ def test_serve_answers_the_openai_client_with_an_image_data_url(trained, tmp_pat
     import httpx
     import openai
 
-    from radscribe.model.load import load_processor
+    from radscribe.model.load import load_processor, resolve_adapter
+    from radscribe.model.pixels import apply_trained_limits
     from radscribe.serve.api import data_uri
 
     port = free_port()
@@ -176,8 +177,11 @@ def test_serve_answers_the_openai_client_with_an_image_data_url(trained, tmp_pat
     assert reply.choices[0].finish_reason in ("stop", "length")
     usage = reply.usage
     assert 1 <= usage.completion_tokens <= 8 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    # the prompt is what the processor makes of this chat (the 64x64 image at the processor's 64-token floor)
-    expected = chat_inputs(load_processor(trained["model"]), image)["input_ids"].shape[-1]
+    # the prompt is what the run's processor makes of this chat: the run's image policy (data.image_min_pixels
+    # 32x32 replaces the published 65,536-px floor), so the 64x64 image is its 4 training tokens, not 64
+    processor = load_processor(trained["model"])
+    apply_trained_limits(processor, resolve_adapter(trained["run"]))
+    expected = chat_inputs(processor, image)["input_ids"].shape[-1]
     assert usage.prompt_tokens == expected
 
 
