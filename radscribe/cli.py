@@ -205,7 +205,7 @@ def cmd_tiny_model(p) -> None:
 
 
 def cmd_train(p) -> None:
-    from radscribe.train import TrainConfig
+    from radscribe.train_config import TrainConfig
 
     s = Stage(p, TrainConfig, example="a short run on a tiny model (radscribe tiny-model M; radscribe synth; "
               "radscribe prepare):\n  radscribe train --model M --data data/dataset --out runs/short "

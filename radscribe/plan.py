@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from radscribe.errors import RadscribeError
 
 if TYPE_CHECKING:
-    from radscribe.train import TrainConfig
+    from radscribe.train_config import TrainConfig
 
 GB = 1e9
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)

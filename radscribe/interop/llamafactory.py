@@ -14,7 +14,7 @@ from radscribe.config import deepspeed_config
 from radscribe.errors import RadscribeError
 
 if TYPE_CHECKING:
-    from radscribe.train import TrainConfig
+    from radscribe.train_config import TrainConfig
 
 # Template per base-model family: Qwen3-VL Instruct must use the no-think template, else an empty think block
 # lands in the labels. The only per-architecture table of the training path.
