@@ -1,13 +1,14 @@
 """GGUF export: parity with transformers per quantisation, measured bits per weight, and the 30B-A3B arithmetic.
 
 Run as: python bench/gguf.py [--write-table] [--out bench/results/gguf.md]
+        python bench/gguf.py --search       (candidate parity cases: the smallest greedy top-1/top-2 gap of each)
 
 For the dense and the MoE real-layout tiny model (Qwen's real vocabulary, 4 text layers, one deepstack tap, text
 hidden 256 so llama-quantize's 256-wide k-quant blocks apply as on the released models) with a random-B adapter
 (expert LoRA on the MoE): `radscribe export --format gguf --quantize f16`, then llama-quantize q8_0 and q4_k_m
 from that f16 file (what `--quantize` runs). Each GGUF answers two text prompts and one 256x256 image prompt on
 `llama-server` (greedy: temperature 0, top_k 1), compared token by token with the merged model's greedy output in
-transformers (fp32). `--write-table` rewrites radscribe/interop/gguf_bits.json, the bits per weight per tensor
+transformers (fp32); the cases are tests/test_gguf.py's PARITY_CASES, picked with --search. `--write-table` rewrites radscribe/interop/gguf_bits.json, the bits per weight per tensor
 class that `radscribe export --dry-run --format gguf` applies to a real config; the results file then shows that
 arithmetic for the published Qwen3-VL-30B-A3B-Instruct config (tests/assets) and checks it on a tiny export of
 another shape (predicted vs actual file sizes).
@@ -33,7 +34,7 @@ from radscribe.cli import main  # noqa: E402
 from radscribe.export import export  # noqa: E402
 from radscribe.interop import gguf, llamacpp  # noqa: E402
 from radscribe.model.real_layout import Widths, build_real_layout_model  # noqa: E402
-from tests.test_gguf import PROMPTS, make_adapter, references  # noqa: E402
+from tests.test_gguf import MIN_DISTINCT, MIN_GAP, PARITY_CASES, make_adapter, references  # noqa: E402
 
 WIDTHS = Widths(text_hidden=256, moe_intermediate=256)
 GGUF_ARCH = {"qwen3_vl": "qwen3vl", "qwen3_vl_moe": "qwen3vlmoe"}
@@ -41,10 +42,26 @@ CONFIG_30B = ROOT / "tests" / "assets" / "Qwen3-VL-30B-A3B-Instruct"
 _GIB = 1024 ** 3
 
 
-def run_arch(arch: str, root: Path) -> dict:
+def prepare(arch: str, root: Path):
     base = build_real_layout_model(arch, root / "base", seed=0, widths=WIDTHS)
     adapter = make_adapter(base, root / "adapter", experts=arch.endswith("moe"))
-    hf = export(base, adapter, root / "hf")
+    return base, adapter, export(base, adapter, root / "hf")
+
+
+def search(arch: str, root: Path) -> list[str]:
+    """Every candidate (prompt, image seed) with its 32-token greedy output's smallest gap and distinct tokens."""
+    _, _, hf = prepare(arch, root)
+    cases = [(t, None) for t in SEARCH_TEXTS] + [(t, seed) for seed in range(6) for t in SEARCH_TEXTS[:4]]
+    lines = []
+    for (text, seed), (_, _, tokens, gap) in zip(cases, references({"hf": hf}, cases)):
+        ok = gap >= MIN_GAP and len(set(tokens)) >= MIN_DISTINCT
+        lines.append(f"| {arch} | {text} | {seed} | {gap:.5f} | {len(set(tokens))} | {'yes' if ok else ''} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def run_arch(arch: str, root: Path) -> dict:
+    base, adapter, hf = prepare(arch, root)
     start = time.monotonic()
     assert main(["export", "--format", "gguf", "--quantize", "f16", "--model", str(base), "--adapter", str(adapter),
                  str(root / "f16")]) == 0
@@ -54,17 +71,17 @@ def run_arch(arch: str, root: Path) -> dict:
     for quant in ("q8_0", "q4_k_m"):
         files[quant] = gguf.quantize_gguf(files["f16"], root / gguf.model_file(quant), quant)
     mmproj = root / "f16" / gguf.MMPROJ_FILE
-    cases = references(entry)
-    result = {"export_s": export_s, "quants": {}}
+    cases = references(entry, PARITY_CASES[arch])
+    result = {"export_s": export_s, "quants": {}, "gaps": [gap for *_, gap in cases]}
     for quant, path in files.items():
         with llamacpp.LlamaServer(path, mmproj=mmproj) as server:
-            answers = [server.complete(prompt, 32, images) for prompt, images, _ in cases]
+            answers = [server.complete(prompt, 32, images) for prompt, images, _, _ in cases]
         measured = {"model": gguf.measure(path), "mmproj": gguf.measure(mmproj)}
         result["quants"][quant] = {
             "bytes": path.stat().st_size, "mmproj_bytes": mmproj.stat().st_size,
             "bits": gguf.bits_table(measured),
             "cases": [dict(gguf.agreement(expected, got), distinct=len(set(expected)), exact=expected == got)
-                      for (_, _, expected), got in zip(cases, answers)],
+                      for (_, _, expected, _), got in zip(cases, answers)],
         }
     return result
 
@@ -105,12 +122,15 @@ def report(results: dict, cross: dict, build: dict, load_before, load_after, sec
         f"+ a random-B LoRA r4 (q/v/o/down; expert LoRA on the MoE), merged",
         "- reference: transformers greedy on the merged safetensors in fp32; GGUF: llama-server `POST /completion`, "
         "temperature 0, top_k 1, 32 tokens, llama-server threads = cores",
-        f"- prompts: text 1 `{PROMPTS[0]}`, text 2 `{PROMPTS[1]}`, image = text 2 with a 256x256 random-noise PNG "
-        "(64 image tokens on both sides, no resize)", "",
+        "- cases (tests/test_gguf.py PARITY_CASES; image = a 256x256 noise PNG of that seed, 64 image tokens on both "
+        f"sides, no resize), with the smallest top-1/top-2 log-probability gap of transformers' 32 greedy steps: "
+        + "; ".join(f"{arch}: " + ", ".join(f"`{t}`" + (f" + image {seed}" if seed is not None else "")
+                                             + f" (gap {g:.4f})" for (t, seed), g in zip(PARITY_CASES[arch], r["gaps"]))
+                    for arch, r in results.items()), "",
         "## Parity: tokens equal to transformers' greedy output (of the first 32)", "",
         "agreement = share of the 32 positions holding the same token; prefix = tokens before the first difference;"
         " distinct = different tokens among the reference's 32 (a degenerate repeat would show 1-2).", "",
-        "| model | GGUF | text 1 | text 2 | image | file size |", "|---|---|---|---|---|---:|",
+        "| model | GGUF | case 1 | case 2 | case 3 | file size |", "|---|---|---|---|---|---:|",
     ]
     for arch, result in results.items():
         for quant, q in result["quants"].items():
@@ -144,8 +164,15 @@ def report(results: dict, cross: dict, build: dict, load_before, load_after, sec
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-table", action="store_true", help="rewrite radscribe/interop/gguf_bits.json")
+    parser.add_argument("--search", action="store_true", help="only list candidate parity cases")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf.md"))
     args = parser.parse_args()
+    if args.search:
+        with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+            lines = [line for arch in GGUF_ARCH for line in search(arch, Path(tmp) / arch)]
+        print("| model | prompt | image seed | smallest gap | distinct | usable |\n|---|---|---|---:|---:|---|")
+        print("\n".join(lines))
+        return
     start = time.monotonic()
     load_before = "/".join(f"{x:.2f}" for x in os.getloadavg())
     tools = llamacpp.install()

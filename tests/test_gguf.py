@@ -30,19 +30,23 @@ from radscribe.model.load import load_model, load_processor
 
 ARCHS = ["qwen3_vl", "qwen3_vl_moe"]
 ASSETS = Path(__file__).parent / "assets"
-# Greedy decoding of a random model runs close to ties: its logits are nearly flat over 151,936 tokens, so the
-# top-1/top-2 log-probability gap is often below 1e-3, while llama.cpp's f16 weights and activations move the
-# log-probabilities by up to ~5e-4 (measured: bench/results/gguf.md). Token-for-token parity is only a claim
-# about the conversion where no step comes that close to a tie, so these cases (prompt, seed of a 256x256 noise
-# image or None) were picked with bench/gguf.py --search: every one of their 32 greedy steps is decided by at
-# least MIN_GAP, and they are not a degenerate repeat (at least MIN_DISTINCT different tokens). The test checks
-# both conditions again, so a change of the fixture fails here loudly instead of flaking.
-PARITY_CASES = {
-    "qwen3_vl": [("Write a radiology report.", None), ("图片中的诊断结果是怎样?", None), ("Describe the lesion.", 1)],
-    "qwen3_vl_moe": [("Write a radiology report.", None), ("图片中的诊断结果是怎样?", None), ("Describe the lesion.", 1)],
-}
-MIN_GAP = 0.004
-MIN_DISTINCT = 8
+# A random model's greedy decoding runs close to ties (its logits are nearly flat over 151,936 tokens: top-1/top-2
+# log-probability gaps below 1e-3, while llama.cpp's f16 weights and activations move log-probabilities by ~5e-4),
+# so token equality would test rounding, not the conversion. The adapter is therefore trained (in code, a few
+# hundred steps) to answer each case with a synthetic report: outputs are real sentences with real margins. Two
+# cases share the prompt and differ only in the image, so only a working vision tower gives both answers.
+PROMPT_ZH = "图片中的诊断结果是怎样?"
+CASES = [("Write a radiology report.", None), (PROMPT_ZH, None), (PROMPT_ZH, 1), (PROMPT_ZH, 2)]
+TOKENS = 32
+
+
+def case_reports() -> list[str]:
+    """One synthetic report per case, long enough (40+ tokens in Qwen's vocabulary) for 32 greedy tokens."""
+    from radscribe.data.synth import synth_reports
+
+    english = [r for r in synth_reports(40, lang="en") if "lesion" in r]
+    chinese = [r for r in synth_reports(40, lang="zh") if "病灶，" in r]
+    return [english[0], chinese[0], chinese[1], chinese[2]]
 
 
 @pytest.fixture(scope="session")
@@ -58,19 +62,64 @@ def measurement_widths():
 
 
 def make_adapter(base, out, experts: bool, vision: bool = False):
-    """A LoRA r4 on every projection (and the experts) with random B and a large alpha (scale 16): the layers
-    then outweigh the tied embedding in the residual stream, which otherwise makes the random dense model repeat
-    its last token."""
+    """An untrained LoRA with random B (it changes outputs from the first token): enough for the refusal tests."""
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_model(base, device="cpu")
     torch.manual_seed(1)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = ["q_proj", "v_proj"]
     if vision:
         targets = [n for n, _ in model.named_modules() if n.startswith("model.visual.") and n.endswith(".qkv")]
-    config = LoraConfig(r=4, lora_alpha=64, target_modules=targets, init_lora_weights=False,
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts else None)
     get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def case_inputs(processor, text: str, seed, target: str | None = None):
+    """(transformers inputs, llama-server prompt, images) for a case; with `target`, the inputs end with the
+    target's first TOKENS tokens (the answer to learn)."""
+    image = None if seed is None else scan(seed)
+    inputs, prompt = gguf.chat_inputs(processor, text, image)
+    if target is not None:
+        answer = torch.tensor([processor.tokenizer(target)["input_ids"][:TOKENS]])
+        assert answer.shape[1] == TOKENS
+        ids = torch.cat([inputs["input_ids"], answer], 1)
+        inputs = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
+    return inputs, prompt, [] if image is None else [png(image)]
+
+
+def train_adapter(base, out, experts: bool, max_steps: int = 300):
+    """LoRA r8 on every linear layer of the language model (+ the MoE experts), trained until the merged-to-be
+    model answers every case with its report; returns the adapter folder."""
+    from peft import get_peft_model
+
+    from radscribe.model.lora import build_lora_config
+
+    torch.manual_seed(0)
+    model, processor = load_model(base, dtype="fp32", device="cpu", trainable=True)
+    model = get_peft_model(model, build_lora_config(model, rank=8, alpha=16, experts=experts))
+    batch = [case_inputs(processor, text, seed, target)[0] for (text, seed), target in zip(CASES, case_reports())]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def case_loss(inputs):
+        # logits for the answer positions only: the 151,936-wide head is most of the cost
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=TOKENS + 1)
+        return torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), inputs["input_ids"][0, -TOKENS:])
+
+    for step in range(max_steps):
+        loss = sum(case_loss(inputs) for inputs in batch) / len(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            print(f"train_adapter: step {step} loss {loss.item():.4f}", flush=True)
+        if loss.item() < 0.02:
+            break
+    assert loss.item() < 0.05, f"the adapter did not learn the cases (loss {loss.item():.3f} after {step + 1} steps)"
+    model.save_pretrained(out)
     return out
 
 
@@ -99,7 +148,7 @@ def built(tmp_path_factory, llamacpp_tools):
         if arch not in cache:
             root = tmp_path_factory.mktemp(f"gguf-{arch}")
             base = build_real_layout_model(arch, root / "base", seed=0, widths=measurement_widths())
-            adapter = make_adapter(base, root / "adapter", experts=arch.endswith("moe"))
+            adapter = train_adapter(base, root / "adapter", experts=arch.endswith("moe"))
             hf = export(base, adapter, root / "hf")
             assert main(["export", "--format", "gguf", "--quantize", "f16", "--model", str(base), "--adapter",
                          str(adapter), str(root / "f16")]) == 0
@@ -117,18 +166,17 @@ def quantized(entry: dict, quant: str):
     return path
 
 
-def references(entry: dict, cases, n: int = 32):
-    """[(llama-server prompt, images, transformers' greedy tokens, their smallest top-1/top-2 gap)] per case."""
+def references(entry: dict, n: int = TOKENS):
+    """[(llama-server prompt, images, transformers' greedy tokens of the merged model)] per case."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(entry["hf"], dtype=torch.float32).eval()
     processor = load_processor(entry["hf"])
     out = []
-    for text, seed in cases:
-        image = None if seed is None else scan(seed)
-        inputs, prompt = gguf.chat_inputs(processor, text, image)
-        tokens, gaps = gguf.hf_greedy(model, inputs, n)
-        out.append((prompt, [] if image is None else [png(image)], tokens, min(gaps)))
+    for text, seed in CASES:
+        inputs, prompt, images = case_inputs(processor, text, seed)
+        tokens, _ = gguf.hf_greedy(model, inputs, n)
+        out.append((prompt, images, tokens))
     return out
 
 
@@ -138,7 +186,7 @@ def greedy_refs(built):
 
     def make(arch):
         if arch not in cache:
-            cache[arch] = references(built(arch), PARITY_CASES[arch])
+            cache[arch] = references(built(arch))
         return cache[arch]
 
     return make
@@ -257,20 +305,21 @@ def test_f16_gguf_greedy_equals_transformers(built, greedy_refs, arch):
     entry = built(arch)
     out = entry["f16"]
     cases = greedy_refs(arch)
-    for _, _, expected, gap in cases:  # the cases still are what PARITY_CASES promises
-        assert len(expected) == 32 and len(set(expected)) >= MIN_DISTINCT and gap >= MIN_GAP
-    assert any(images for _, images, _, _ in cases)
+    processor = load_processor(entry["hf"])
+    for (_, _, expected), report in zip(cases, case_reports()):  # transformers answers with the learned reports
+        assert expected == processor.tokenizer(report)["input_ids"][:TOKENS]
+    assert cases[2][2] != cases[3][2]  # same prompt, other image, other answer
     with LlamaServer(out / "model-f16.gguf", mmproj=out / "mmproj-f16.gguf") as server:
-        for prompt, images, expected, _ in cases:
-            assert server.complete(prompt, 32, images) == expected
+        for prompt, images, expected in cases:
+            assert server.complete(prompt, TOKENS, images) == expected
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_q8_0_gguf_agrees_on_90_percent_of_32_tokens(built, greedy_refs, arch):
     entry = built(arch)
     with LlamaServer(quantized(entry, "q8_0"), mmproj=entry["f16"] / "mmproj-f16.gguf") as server:
-        for prompt, images, expected, _ in greedy_refs(arch):
-            assert gguf.agreement(expected, server.complete(prompt, 32, images))["agreement"] >= 0.9
+        for prompt, images, expected in greedy_refs(arch):
+            assert gguf.agreement(expected, server.complete(prompt, TOKENS, images))["agreement"] >= 0.9
 
 
 def test_gguf_export_needs_a_gguf_quantization(built, tmp_path, capsys):
@@ -291,7 +340,7 @@ def test_gguf_lora_on_the_base_gguf_generates_like_the_merged_model(built, greed
     assert main(["export", "--format", "gguf-lora", "--model", str(entry["base"]), "--adapter",
                  str(entry["adapter"]), str(tmp_path / "lora")]) == 0
     assert "--lora lora-f16.gguf" in (tmp_path / "lora" / "README.md").read_text()
-    prompt, _, expected, _ = greedy_refs("qwen3_vl")[0]
+    prompt, _, expected = greedy_refs("qwen3_vl")[0]
     with LlamaServer(tmp_path / "base" / "model-f16.gguf") as server:
         base_tokens = server.complete(prompt, 32)
     with LlamaServer(tmp_path / "base" / "model-f16.gguf", lora=tmp_path / "lora" / "lora-f16.gguf") as server:
@@ -382,7 +431,8 @@ def test_dry_run_for_the_published_30b_a3b_config(tmp_path, capsys):
     (["--dry-run", "--format", "hf"], "add --format gguf"),
     (["--dry-run", "--format", "gguf", "--adapter", "x"], "--adapter would have no effect"),
     (["--format", "gguf", "--ctx", "4096", "OUT"], "only apply with --dry-run"),
-    (["--dry-run", "--format", "gguf", "--quantize", "q2_k"], "f16, q8_0, q4_k_m"),
+    (["--dry-run", "--format", "gguf", "--quantize", "4bit"], "f16, q8_0, q4_k_m"),
+    (["--format", "gguf-lora", "--dtype", "bf16", "OUT"], "merges nothing"),
     (["--dry-run", "--format", "gguf", "--ctx", "0"], "positive"),
 ])
 def test_export_flags_that_cannot_take_effect_are_refused(tmp_path, capsys, argv, message):

@@ -99,6 +99,7 @@ def export_gguf(model_dir: str | Path, adapter: str | Path | None, out_dir: str 
             shutil.rmtree(merged_tmp, ignore_errors=True)
     _write_manifest(out, base, adapter, quantize, files)
     _write_readme(out, merged if adapter is None else base, quantize, files)
+    _save_config(out, model_dir, adapter, format="gguf", quantize=quantize, dtype=dtype, device=device)
     print(f"radscribe export: wrote {out}: " + ", ".join(f"{p.name} ({p.stat().st_size / _GIB:.2f} GiB)"
                                                        for p in files.values()))
     return out
@@ -151,6 +152,7 @@ def export_gguf_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | 
                 "files": {"lora": lora.name}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     _write_lora_readme(out, base)
+    _save_config(out, model_dir, adapter, format="gguf-lora")
     print(f"radscribe export: wrote {lora} ({lora.stat().st_size / 1024 ** 2:.1f} MiB)")
     return out
 
@@ -176,6 +178,14 @@ def check_lora_convertible(adapter_dir: Path) -> None:
     if used:
         # llama.cpp scales every LoRA by one alpha / rank; none of these survive the conversion
         raise RadscribeError(f"{config_path}: {', '.join(used)} cannot be expressed in a GGUF LoRA{hint}")
+
+
+def _save_config(out: Path, model_dir, adapter, **fields) -> None:
+    from radscribe.config import save_config
+    from radscribe.export import ExportConfig
+
+    save_config(ExportConfig(str(model_dir), None if adapter is None else str(adapter), str(out), **fields),
+                out / "export_config.yaml")
 
 
 def _run(cmd: list[str], log: Path) -> None:
