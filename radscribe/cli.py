@@ -372,6 +372,11 @@ def cmd_serve(p) -> None:
         cfg.api_key = cfg.api_key or os.environ.get("RADSCRIBE_API_KEY") or None
         if cfg.images.allow_folder is not None and not cfg.images.allow_folder.is_dir():
             raise RadscribeError(f"--allow-folder {cfg.images.allow_folder} is not a folder")
+        if cfg.backend == "llamacpp":
+            from radscribe.serve.llamacpp import serve_llamacpp
+
+            serve_llamacpp(cfg)
+            return
         if cfg.backend == "vllm":
             from radscribe.serve.vllm import serve_vllm
 

@@ -16,7 +16,7 @@ LoRA, so adapters with expert or vision-tower LoRA are refused (export them merg
 The dry run needs only the model's config.json: the model is built on the meta device for its parameter shapes,
 each tensor is given the GGUF name llama.cpp's own name map (the `gguf` package) gives it, and the bits per
 weight of its tensor class are the ones measured on a tiny export's files (`gguf_bits.json`, written by
-`bench/gguf.py`; `--bits-from EXPORT` uses another export's gguf.json). llama-quantize keeps some tensors at
+`bench/gguf_export.py`; `--bits-from EXPORT` uses another export's gguf.json). llama-quantize keeps some tensors at
 higher precision (output Q6_K, half the attn_v/ffn_down layers Q6_K in q4_k_m, norms and the router F32), so one
 bits-per-weight number per quantisation would be wrong; a class measured in a file carries its real mix.
 """
@@ -43,6 +43,7 @@ MMPROJ_FILE = "mmproj-f16.gguf"
 LORA_FILE = "lora-f16.gguf"
 MANIFEST = "gguf.json"
 LOG = "llama.cpp.log"
+PROCESSOR_DIR = "processor"
 BITS_TABLE = Path(__file__).with_name("gguf_bits.json")
 _GIB = 1024 ** 3
 
@@ -94,6 +95,7 @@ def export_gguf(model_dir: str | Path, adapter: str | Path | None, out_dir: str 
         else:
             merged = base
         files = convert(merged, out, quantize, tools)
+        copy_processor(merged, out / PROCESSOR_DIR)
     finally:
         if merged_tmp is not None:
             shutil.rmtree(merged_tmp, ignore_errors=True)
@@ -121,6 +123,16 @@ def convert(hf_dir: str | Path, out: Path, quantize: str, tools: llamacpp.LlamaC
         model = quantize_gguf(f16, out / model_file(quantize), quantize, tools, log)
         f16.unlink()
     return {"model": model, "mmproj": mmproj}
+
+
+def copy_processor(hf_dir: Path, dest: Path) -> Path:
+    """The model folder's small files (config, tokenizer, image processor, chat template), no weights: what
+    `radscribe serve --backend llamacpp` counts prompt tokens and sizes images with, as the hf backend does."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(hf_dir.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".jinja", ".txt") and not path.name.endswith(".index.json"):
+            shutil.copy2(path, dest / path.name)
+    return dest
 
 
 def quantize_gguf(f16: str | Path, dest: str | Path, quantize: str, tools: llamacpp.LlamaCpp | None = None,
@@ -238,15 +250,24 @@ def _write_readme(out: Path, model_dir: Path, quantize: str, files: dict[str, Pa
     (out / "README.md").write_text(f"""# GGUF export (llama.cpp {llamacpp.LLAMA_CPP_PYTHON} via llama-cpp-python's vendored copy)
 
 Files: `{model}` (text model, {quantize}), `{mmproj}` (vision tower + mergers, f16), `gguf.json` (what was written,
-bits per weight per tensor class as measured in these files), `llama.cpp.log` (the converter and quantizer output).
+bits per weight per tensor class as measured in these files), `llama.cpp.log` (the converter and quantizer output),
+`processor/` (config, tokenizer, image processor and chat template: `radscribe serve --backend llamacpp` reads them).
+
+With radscribe's own safety rules in front (loopback bind, API key from $RADSCRIBE_API_KEY, data-URI images only
+unless allow-listed, size and queue limits), in this folder:
+
+```bash
+radscribe serve --backend llamacpp --model . --port 8000
+```
 The binaries are in `$(radscribe llamacpp path)` after `radscribe llamacpp install`.
 Sampling defaults below come from the model's generation_config.json ({sampling or 'none found'}).
 
-OpenAI-compatible server (loopback only; the API key comes from the environment):
+llama.cpp's own OpenAI-compatible server (loopback only; the API key comes from the environment). It fetches any
+http(s) image URL a client sends (no allow-list), so put it in front of trusted clients only:
 
 ```bash
-llama-server -m {model} --mmproj {mmproj} --host 127.0.0.1 --port 8080 -c 8192 -ngl 99 \\
-    --api-key "$LLAMA_API_KEY" {flags}
+export LLAMA_API_KEY=...   # llama-server reads it from the environment (an --api-key argument shows in `ps`)
+llama-server -m {model} --mmproj {mmproj} --host 127.0.0.1 --port 8080 -c 8192 -ngl 99 {flags}
 ```
 
 `-ngl 99` puts every layer on the GPU; lower it (or `--n-cpu-moe N` for the MoE) to keep part of the model in
@@ -519,13 +540,18 @@ def chat_inputs(processor, text: str, image=None):
     if image is None:
         return inputs, inputs["input_ids"][0].tolist()
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    marker = llamacpp.LlamaServer.MEDIA_MARKER
-    prompt = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>|<\|vision_start\|><\|image_pad\|>"
-                    r"<\|vision_end\|>", marker, rendered)
-    if prompt.count(marker) != 1:
-        raise RadscribeError("the chat template did not render one <|vision_start|><|image_pad|><|vision_end|> "
-                             "block for the image")
+    prompt = vision_blocks_to_marker(rendered, 1, llamacpp.LlamaServer.MEDIA_MARKER)
     return inputs, prompt
+
+
+def vision_blocks_to_marker(rendered: str, images: int, marker: str) -> str:
+    """A rendered Qwen-VL chat with its <|vision_start|><|image_pad|>...<|vision_end|> blocks replaced by
+    llama.cpp's media marker (mtmd writes the vision start/end tokens and the image tokens itself)."""
+    prompt, found = re.subn(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", lambda _: marker, rendered)
+    if found != images:
+        raise RadscribeError(f"the chat template rendered {found} <|vision_start|><|image_pad|><|vision_end|> "
+                             f"block(s) for {images} image(s)")
+    return prompt
 
 
 def hf_greedy(model, inputs, n: int = 32) -> tuple[list[int], list[float]]:

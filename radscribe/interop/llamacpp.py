@@ -229,7 +229,8 @@ class LlamaServer:
     MEDIA_MARKER = "<__media__>"
 
     def __init__(self, model: str | Path, mmproj: str | Path | None = None, lora: str | Path | None = None,
-                 ctx: int = 2048, threads: int | None = None, extra: tuple[str, ...] = (), timeout_s: float = 300):
+                 ctx: int = 2048, threads: int | None = None, extra: tuple[str, ...] = (), timeout_s: float = 300,
+                 api_key: str | None = None):
         self.cmd = [str(llama_server()), "-m", str(model), "--host", "127.0.0.1", "--port", "0", "-c", str(ctx),
                     "-t", str(threads or os.cpu_count() or 1), "--no-webui", "--offline", *extra]
         if mmproj is not None:
@@ -237,6 +238,7 @@ class LlamaServer:
         if lora is not None:
             self.cmd += ["--lora", str(lora)]
         self.timeout_s = timeout_s
+        self.api_key = api_key  # passed in the environment (LLAMA_API_KEY): a command-line key shows in `ps`
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.media_marker = self.MEDIA_MARKER
@@ -250,7 +252,11 @@ class LlamaServer:
             port = probe.getsockname()[1]
         self.cmd[self.cmd.index("--port") + 1] = str(port)
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}  # only our settings
+        if self.api_key:
+            env["LLAMA_API_KEY"] = self.api_key
+        self.process = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env)
         import threading
 
         threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
@@ -264,7 +270,7 @@ class LlamaServer:
                     # llama-server draws a random media marker per process (so user text cannot forge one)
                     self.media_marker = self._request("GET", "/props", None, timeout=10).get("media_marker")
                     return self
-            except OSError:
+            except (OSError, RadscribeError):  # not listening yet, or 503 while the model loads
                 pass
             time.sleep(0.2)
         self.__exit__()
@@ -279,14 +285,52 @@ class LlamaServer:
                 self.process.kill()
                 self.process.wait()
 
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
     def _request(self, method: str, path: str, body: dict | None, timeout: float = 600) -> dict:
+        import urllib.error
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=self._headers())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:  # llama-server refused the request (e.g. over the context)
+            raise RadscribeError(f"llama-server {path}: {_error_message(err.read())}") from None
+
+    def post(self, path: str, body: dict, timeout: float = 600) -> dict:
+        return self._request("POST", path, body, timeout)
+
+    @contextlib.contextmanager
+    def stream(self, path: str, body: dict, timeout: float = 600):
+        """POST `body` and yield an iterator of its server-sent JSON events; leaving the block closes the
+        connection, which makes llama-server stop generating."""
+        import http.client
+
+        connection = http.client.HTTPConnection(self.url.removeprefix("http://"), timeout=timeout)
+        try:
+            connection.request("POST", path, json.dumps(body).encode(), self._headers())
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RadscribeError(f"llama-server {path}: {_error_message(response.read())}")
+
+            def events():
+                for raw in response:
+                    line = raw.decode("utf-8", "replace").strip()
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            raise RadscribeError(f"llama-server {path}: {_error_message(line[6:].encode())}")
+                        yield event
+
+            yield events()
+        finally:
+            connection.close()
 
     def complete(self, prompt: list[int] | str, n_predict: int = 32, images: list[bytes] = ()) -> list[int]:
         """Greedy continuation token ids (temperature 0, top_k 1, no penalties) of `prompt` (token ids, or a
@@ -299,3 +343,12 @@ class LlamaServer:
         body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "top_p": 1.0,
                 "min_p": 0.0, "repeat_penalty": 1.0, "return_tokens": True, "cache_prompt": True, "seed": 0}
         return self._request("POST", "/completion", body)["tokens"]
+
+
+def _error_message(raw: bytes) -> str:
+    """llama-server's error body ({"error": {"message": ...}}) as one line."""
+    try:
+        error = json.loads(raw).get("error", {})
+        return str(error.get("message", error)).splitlines()[0]
+    except (ValueError, AttributeError, IndexError):
+        return raw.decode("utf-8", "replace")[:200]
