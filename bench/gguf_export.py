@@ -34,7 +34,7 @@ from radscribe.cli import main  # noqa: E402
 from radscribe.export import export  # noqa: E402
 from radscribe.interop import gguf, llamacpp  # noqa: E402
 from radscribe.model.real_layout import Widths, build_real_layout_model  # noqa: E402
-from tests.test_gguf import MIN_GAP, TOKENS, make_adapter, parity_cases, references  # noqa: E402
+from tests.test_gguf import MIN_GAP, TOKENS, enough_cases, make_adapter, parity_cases, references  # noqa: E402
 
 WIDTHS = Widths(text_hidden=256, moe_intermediate=256)
 GGUF_ARCH = {"qwen3_vl": "qwen3vl", "qwen3_vl_moe": "qwen3vlmoe"}
@@ -59,7 +59,7 @@ def run_arch(arch: str, root: Path) -> dict:
     for quant in ("q8_0", "q4_k_m"):
         files[quant] = gguf.quantize_gguf(files["f16"], root / gguf.model_file(quant), quant)
     mmproj = root / "f16" / gguf.MMPROJ_FILE
-    refs = references(entry)
+    refs = references(entry, enough=enough_cases)
     try:
         cases = parity_cases(refs)
     except AssertionError as err:  # still measure the bits; the parity table then shows what was found

@@ -149,11 +149,21 @@ class LlamaCppEngine:
 
     # --- internals ------------------------------------------------------------------------------------------
     def _complete(self, request):
-        answer = self.server.post("/completion", self._body(request))
-        # stop_type: "eos" (end-of-turn token), "word" (a stop string), "limit" (n_predict), "none"
-        finish = "length" if answer.get("stop_type") == "limit" else "stop"
-        return Generation(text=answer.get("content", ""), prompt_tokens=int(answer.get("tokens_evaluated", 0)),
-                          completion_tokens=int(answer.get("tokens_predicted", 0)), finish_reason=finish)
+        # streamed from llama-server even for a non-streaming answer: a client that goes away (request.cancel)
+        # then closes the connection, which stops llama-server generating, as --backend hf stops
+        parts, final = [], {}
+        with self.server.stream("/completion", dict(self._body(request), stream=True)) as events:
+            for event in events:
+                parts.append(event.get("content") or "")
+                if event.get("stop"):
+                    final = event
+                if request.cancel is not None and request.cancel.is_set():
+                    return Generation(text="".join(parts), prompt_tokens=0, completion_tokens=len(parts),
+                                      finish_reason="cancelled")
+        # stop_type: "eos" (end-of-turn token), "word" (a stop string), "limit" (n_predict)
+        finish = "length" if final.get("stop_type") == "limit" else "stop"
+        return Generation(text="".join(parts), prompt_tokens=int(final.get("tokens_evaluated", 0)),
+                          completion_tokens=int(final.get("tokens_predicted", 0)), finish_reason=finish)
 
     def _body(self, request) -> dict:
         _check(request)
