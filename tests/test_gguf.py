@@ -1,10 +1,10 @@
 """GGUF export through llama.cpp's own converter and quantizer, checked against transformers by running llama.cpp.
 
 The llama.cpp tools are built once per machine by the `llamacpp_tools` fixture (`radscribe llamacpp install`, cached
-in ~/.cache/radscribe): on a clean CI machine that build is part of the run (about 10 min on 2 idle cores), and a
-failed build fails these tests. The models are real-layout tiny folders (Qwen's real vocabulary, which llama.cpp's
-converter requires, 4 text layers, one deepstack tap) widened to 256 so llama-quantize's 256-wide k-quant blocks
-apply as they do on the released models, with an adapter whose B matrices are random (it changes outputs from the
+in ~/.cache/radscribe): on a clean CI machine that build is part of the run (74 min with 2 jobs on this project's
+loaded 2-core machine: keep ~/.cache/radscribe in the CI cache), and a failed build fails these tests. The models
+are real-layout tiny folders (Qwen's real vocabulary, which llama.cpp's converter requires, 4 text layers, one
+deepstack tap) widened to 256 so llama-quantize's 256-wide k-quant blocks apply as they do on the released models, with an adapter whose B matrices are random (it changes outputs from the
 first token); MoE adapters include expert LoRA.
 """
 

@@ -189,7 +189,8 @@ def _extract_vendored(archive: Path, dest: Path) -> Path:
 
 def _build(src: Path, jobs: int) -> None:
     build = src / "build"
-    print(f"radscribe llamacpp: building {', '.join(TARGETS)} with {jobs} job(s) (about 10 min on 2 idle cores)")
+    print(f"radscribe llamacpp: building {', '.join(TARGETS)} with {jobs} job(s) (74 min with 2 jobs on a loaded "
+          "2-core machine)")
     log = cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}-build.log"
     log.write_text("")
     for cmd in (["cmake", "-S", str(src), "-B", str(build), *_CMAKE_FLAGS],
