@@ -322,6 +322,7 @@ def test_moe_gguf_pair_answers_an_image_prompt(built):
 
 def test_gguf_export_needs_a_gguf_quantization(built, tmp_path, capsys):
     entry = built("qwen3_vl")
+    capsys.readouterr()  # the fixture's own output (weight-loading progress) is not this command's
     code = main(["export", "--format", "gguf", "--quantize", "4bit", "--model", str(entry["base"]), "--adapter",
                  str(entry["adapter"]), str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
@@ -352,6 +353,7 @@ def test_gguf_lora_refuses_what_llamacpp_would_drop(real_model_dir, llamacpp_too
     arch = "qwen3_vl_moe" if kind == "experts" else "qwen3_vl"
     adapter = make_adapter(real_model_dir(arch), tmp_path / "adapter", experts=kind == "experts",
                            vision=kind == "vision")
+    capsys.readouterr()  # make_adapter's weight-loading progress is not this command's output
     code = main(["export", "--format", "gguf-lora", "--model", str(real_model_dir(arch)), "--adapter", str(adapter),
                  str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
