@@ -1,6 +1,6 @@
 """The `radscribe` command: parsing only. Each subcommand parses its flags and calls one stage function.
 
-Run as: radscribe {synth,prepare,tiny-model,train,eval,score,audit,report,chat,serve,export,demo} --help
+Run as: radscribe {synth,prepare,tiny-model,train,eval,score,audit,report,chat,serve,export,llamacpp,demo} --help
 
 Every stage takes `--config PRESET_OR_YAML` plus dotted `FIELD=VALUE` overrides; its flags are shorthands for
 config fields, applied last, and its `--help` lists every field with its default and docstring (`Stage`).
@@ -379,6 +379,11 @@ def cmd_serve(p) -> None:
         cfg.api_key = cfg.api_key or os.environ.get("RADSCRIBE_API_KEY") or None
         if cfg.images.allow_folder is not None and not cfg.images.allow_folder.is_dir():
             raise RadscribeError(f"--allow-folder {cfg.images.allow_folder} is not a folder")
+        if cfg.backend == "llamacpp":
+            from radscribe.serve.llamacpp import serve_llamacpp
+
+            serve_llamacpp(cfg)
+            return
         if cfg.backend == "vllm":
             from radscribe.serve.vllm import serve_vllm
 
@@ -406,20 +411,47 @@ def _mib(megabytes: float) -> int:
 def cmd_export(p) -> None:
     from radscribe.export import ExportConfig
 
-    s = Stage(p, ExportConfig, example="radscribe export --model M --adapter runs/r exports/r --quantize 4bit")
+    s = Stage(p, ExportConfig, example="radscribe export --model M --adapter runs/r exports/r --quantize 4bit\n"
+              "  radscribe export --format gguf --quantize q4_k_m --model M --adapter runs/r exports/r-gguf\n"
+              "  radscribe export --dry-run --format gguf --quantize q4_k_m --model M --gpu-mem 24")
     s.flag("out", "out_dir")
     s.flag("--model", "model_dir")
     s.flag("--adapter")
+    s.flag("--format")
     s.flag("--quantize")
     s.flag("--dtype")
     s.flag("--device")
+    s.flag("--dry-run")
+    s.flag("--ctx")
+    s.flag("--gpu-mem")
+    s.flag("--bits-from")
 
     def run(cfg, a):
-        from radscribe.export import export
+        from radscribe.export import run_export
 
-        export(**dataclasses.asdict(cfg))
+        run_export(cfg)
 
     s.run(run)
+
+
+def cmd_llamacpp(p) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    install = actions.add_parser("install", help="build the pinned llama.cpp (PyPI's llama-cpp-python sdist) into "
+                                                 "the cache; a no-op when it is built")
+    install.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: one per core)")
+    install.add_argument("--sdist", default=None,
+                         help="a llama-cpp-python sdist already downloaded (default: pip download it)")
+    install.add_argument("--force", action="store_true", help="rebuild even when a build exists")
+    actions.add_parser("path", help="print the folder holding the built binaries")
+
+    def run(a):
+        from radscribe.interop import llamacpp
+
+        tools = llamacpp.install(jobs=a.jobs, sdist=a.sdist, force=a.force) if a.action == "install" \
+            else llamacpp.find()
+        print(tools.bin)
+
+    p.set_defaults(handler=run)
 
 
 # --- demo ---
@@ -453,7 +485,9 @@ COMMANDS = {
     "report": ("self-contained HTML + Markdown report of one or more runs", cmd_report),
     "chat": ("stream a report for an image (or DICOM) in the terminal", cmd_chat),
     "serve": ("OpenAI-compatible API and web page", cmd_serve),
-    "export": ("merge the adapter into a standalone model folder (vLLM, 4-bit)", cmd_export),
+    "export": ("merge the adapter into a standalone model folder (vLLM, 4-bit) or llama.cpp GGUF files", cmd_export),
+    "llamacpp": ("build llama.cpp's tools (llama-server, llama-mtmd-cli, llama-quantize) once, or show where",
+                 cmd_llamacpp),
     "demo": ("the whole pipeline on the embedded default: synth -> prepare -> train -> eval -> report", cmd_demo),
 }
 

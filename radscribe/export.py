@@ -1,6 +1,7 @@
 """Merge a trained adapter into its base model and write a standalone Hugging Face model folder.
 
 Run as: radscribe export --model BASE --adapter RUN OUT [--quantize 4bit] [--dtype bf16]
+        radscribe export --format gguf|gguf-lora ... / --dry-run --format gguf   (llama.cpp: radscribe/interop/gguf.py)
 
 The folder is the base folder with its weights replaced by the merged ones: every other file of the base
 (config.json, generation_config.json, tokenizer files, preprocessor and video preprocessor configs, chat template,
@@ -40,30 +41,103 @@ WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.ind
 """The files a merge replaces; every other file of the base folder is copied into the export unchanged."""
 
 
+FORMATS = ("hf", "gguf", "gguf-lora")
+
+
 @dataclass
 class ExportConfig:
-    """What `radscribe export` merges and where it writes (the fields are `export()`'s arguments)."""
+    """What `radscribe export` merges and where it writes (`run_export(cfg)` checks the combination)."""
 
     model_dir: str
-    """Base model folder (as downloaded, or written by `radscribe tiny-model`)."""
-    adapter: str
-    """A `radscribe train` run folder or a PEFT adapter folder."""
-    out_dir: str
-    """New (or empty) folder for the merged model."""
-    quantize: Literal["4bit"] | None = None
-    """`4bit` saves the merged model pre-quantised in bitsandbytes nf4 (linear layers; experts stay bf16)."""
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Merge dtype; auto keeps the base checkpoint's."""
-    device: str | None = "cpu"
-    """Where to merge: cpu or cuda."""
+    """Base model folder (as downloaded, or written by `radscribe tiny-model`); with dry_run, a folder holding
+    just its config.json is enough."""
+    adapter: str | None = None
+    """A `radscribe train` run folder or a PEFT adapter folder (format gguf without it converts the base alone)."""
+    out_dir: str | None = None
+    """New (or empty) folder for the export (not with dry_run)."""
+    format: Literal["hf", "gguf", "gguf-lora"] = "hf"
+    """hf: merged safetensors folder; gguf: llama.cpp text GGUF + mmproj; gguf-lora: the adapter alone as GGUF."""
+    quantize: Literal["4bit", "f16", "q8_0", "q4_k_m"] | None = None
+    """hf: 4bit = bitsandbytes nf4, pre-quantised (linear layers; experts stay bf16); gguf: f16, q8_0 or q4_k_m
+    by llama-quantize (unset: q4_k_m)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
+    """Merge dtype (unset: auto, the base checkpoint's)."""
+    device: str | None = None
+    """Where to merge: cpu or cuda (unset: cpu)."""
     max_shard_size: str = "5GB"
-    """Largest safetensors shard written."""
+    """Largest safetensors shard written (format hf)."""
+    dry_run: bool = False
+    """format gguf: print the GGUF file sizes, the KV cache and the GPU fit from config.json alone; writes nothing."""
+    ctx: int | None = None
+    """dry_run: context length whose KV cache is counted (unset: 8192)."""
+    gpu_mem: float | None = None
+    """dry_run: GPU memory in GiB to check the fit against."""
+    bits_from: str | None = None
+    """dry_run: a format gguf export folder whose measured bits per weight replace the packaged measurements."""
 
 
-def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quantize: str | None = None,
-           dtype: str = "auto", device: str | None = "cpu", max_shard_size: str = "5GB") -> Path:
-    """Merge `adapter` into `model_dir` and write the standalone folder `out_dir`; returns its path."""
+def run_export(cfg: ExportConfig) -> Path | None:
+    """The `radscribe export` stage: refuse settings that cannot take effect, then export (or print the plan)."""
+    _check(cfg)
+    if cfg.dry_run:
+        from radscribe.interop.gguf import format_plan, plan
 
+        print(format_plan(plan(cfg.model_dir, cfg.quantize or "q4_k_m", ctx=8192 if cfg.ctx is None else cfg.ctx,
+                               gpu_mem_gib=cfg.gpu_mem, bits_from=cfg.bits_from)))
+        return None
+    return export(cfg.model_dir, cfg.adapter, cfg.out_dir, quantize=cfg.quantize, dtype=cfg.dtype or "auto",
+                  device=cfg.device or "cpu", max_shard_size=cfg.max_shard_size, format=cfg.format)
+
+
+def _check(cfg: ExportConfig) -> None:
+    plan_only = {"ctx": cfg.ctx, "gpu_mem": cfg.gpu_mem, "bits_from": cfg.bits_from}
+    if not cfg.dry_run:
+        given = [f"--{k.replace('_', '-')}" for k, v in plan_only.items() if v is not None]
+        if given:
+            raise RadscribeError(f"{', '.join(given)} only apply with --dry-run")
+        if not cfg.out_dir:
+            raise RadscribeError("OUT is required (out_dir): the new folder for the export")
+        if (cfg.format == "gguf-lora" or cfg.adapter is None) and (cfg.dtype or cfg.device):
+            raise RadscribeError("--dtype/--device set how an adapter is merged; "
+                                 f"{'--format gguf-lora' if cfg.format == 'gguf-lora' else 'without --adapter'} "
+                                 "merges nothing")
+        return
+    if cfg.format != "gguf":
+        raise RadscribeError(f"--dry-run plans a --format gguf export (not {cfg.format}); add --format gguf")
+    extra = [name for name, value in (("OUT", cfg.out_dir), ("--adapter", cfg.adapter), ("--dtype", cfg.dtype),
+                                      ("--device", cfg.device)) if value is not None]
+    if extra:
+        raise RadscribeError(f"--dry-run reads only --model's config.json; {', '.join(extra)} would have no effect "
+                             "(leave it out)")
+
+
+def export(model_dir: str | Path, adapter: str | Path | None, out_dir: str | Path, quantize: str | None = None,
+           dtype: str = "auto", device: str | None = "cpu", max_shard_size: str = "5GB", format: str = "hf") -> Path:
+    """Merge `adapter` into `model_dir` and write the standalone folder `out_dir`; returns its path.
+
+    format "gguf" writes llama.cpp's GGUF pair instead (`quantize` f16, q8_0 or q4_k_m, default q4_k_m; the base
+    alone when `adapter` is None), "gguf-lora" the adapter alone as a GGUF LoRA.
+    """
+    if format not in FORMATS:
+        raise RadscribeError(f"--format {format!r} is not an export format; choose one of {', '.join(FORMATS)}")
+    if format == "gguf":
+        from radscribe.interop.gguf import export_gguf
+
+        return export_gguf(model_dir, adapter, out_dir, quantize or "q4_k_m", dtype=dtype, device=device)
+    if adapter is None:
+        raise RadscribeError(f"--adapter is required for --format {format} (only --format gguf converts a base "
+                             "model alone)")
+    if format == "gguf-lora":
+        if quantize is not None:
+            raise RadscribeError(f"--quantize {quantize} has no effect on --format gguf-lora (the LoRA is written "
+                                 "in f16); leave it out")
+        from radscribe.interop.gguf import export_gguf_lora
+
+        return export_gguf_lora(model_dir, adapter, out_dir)
+    return _export_hf(model_dir, adapter, out_dir, quantize, dtype, device, max_shard_size)
+
+
+def _export_hf(model_dir, adapter, out_dir, quantize, dtype, device, max_shard_size) -> Path:
     from radscribe.config import save_config
     from radscribe.model.load import check_model_dir, load_model, quantization_config
     from radscribe.model.pixels import pixel_limits, write_limits
@@ -73,7 +147,8 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
     if out.exists() and any(out.iterdir()):
         raise RadscribeError(f"output folder {out} is not empty; choose a new folder")
     if quantize not in (None, "4bit"):
-        raise RadscribeError(f"--quantize {quantize!r} is not supported; use 4bit or leave it out")
+        raise RadscribeError(f"--quantize {quantize!r} is a GGUF type (add --format gguf); the merged safetensors "
+                             "export takes 4bit or nothing")
     if quantize:
         quantization_config(quantize)  # fails early, naming the extra, when bitsandbytes is missing
 
@@ -90,8 +165,8 @@ def export(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, quan
     if quantize:
         _quantize_in_place(out, quantize, device, max_shard_size)
         to_released_expert_layout(out, hidden)
-    save_config(ExportConfig(str(model_dir), str(adapter), str(out_dir), quantize, dtype, device, max_shard_size),
-                out / "export_config.yaml")
+    save_config(ExportConfig(str(model_dir), str(adapter), str(out_dir), quantize=quantize, dtype=dtype,
+                             device=device, max_shard_size=max_shard_size), out / "export_config.yaml")
     print(f"radscribe export: wrote {out} ({moved} expert tensors in the released layout"
           f"{', linear layers nf4' if quantize else ''})")
     return out

@@ -31,15 +31,16 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.json", "tokenizer_config.json")
 
 
-def check_model_dir(model_dir: str | Path) -> Path:
-    """The model folder as a Path, or a RadscribeError saying what is missing."""
+def check_model_dir(model_dir: str | Path, weights: bool = True) -> Path:
+    """The model folder as a Path, or a RadscribeError saying what is missing (`weights=False`: config and
+    processor files are enough, as in a GGUF export's processor/ folder)."""
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise RadscribeError(f"model folder {path} does not exist (download the model, or build one with "
                              "`radscribe tiny-model --arch qwen3_vl DIR`)")
     if not (path / "config.json").is_file():
         raise RadscribeError(f"{path} is not a model folder: it has no config.json")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if weights and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise RadscribeError(f"{path} is not a model folder: it has no *.safetensors weights")
     return path
 
@@ -132,7 +133,7 @@ def load_processor(model_dir: str | Path):
     """The model's processor (tokenizer + image processor + chat template), with or without torchvision."""
     import transformers
 
-    path = check_model_dir(model_dir)
+    path = check_model_dir(model_dir, weights=False)
     if _torchvision_available():
         processor_class = transformers.AutoProcessor
     else:

@@ -56,8 +56,9 @@ class ServeConfig:
     """Base model folder, or a `radscribe export` folder (the vllm backend needs one)."""
     adapter: str | None = None
     """A `radscribe train` run folder or a PEFT adapter folder (hf backend only)."""
-    backend: Literal["hf", "vllm"] = "hf"
-    """hf: transformers + our batching (CPU or GPU); vllm: vLLM's server on a merged export (GPU)."""
+    backend: Literal["hf", "vllm", "llamacpp"] = "hf"
+    """hf: transformers + our batching (CPU or GPU); vllm: vLLM's server on a merged export (GPU); llamacpp:
+    llama-server on a `radscribe export --format gguf` folder behind this API's checks (radscribe/serve/llamacpp.py)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Model dtype (hf backend); auto keeps the checkpoint's."""
     quantization: Literal["4bit"] | None = None
