@@ -383,8 +383,13 @@ class StreamingSplit:
     rows is unchanged (a full epoch meets every row); with no rejects, batches are exactly the Trainer's sampler's.
     """
 
-    def __init__(self, rows, encoder: Encoder, ledger: RowLedger):
+    def __init__(self, rows, encoder: Encoder, ledger: RowLedger, cache_bytes: int = 0):
         self.rows, self.encoder, self.ledger = rows, encoder, ledger
+        # Encoding is deterministic and costs far more than a tiny model's step (~20 ms a sample on one core), so
+        # each process keeps what it encoded, up to its budget, for the later epochs (the DataLoader workers are
+        # persistent so their caches live across epochs); beyond the budget rows are re-encoded when met again.
+        self.cache: dict[int, dict] = {}
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -392,6 +397,8 @@ class StreamingSplit:
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.rows)):
             row = (index + offset) % len(self.rows)
+            if row in self.cache:
+                return self.cache[row]
             sample = self.rows[row]
             try:
                 features = self.encoder(sample)
@@ -399,9 +406,16 @@ class StreamingSplit:
                 self.ledger.reject(row, sample.id, err)
                 continue
             self.ledger.used(row)
+            self._keep(row, features)
             return features
         raise RadscribeError(f"{self.rows.path}: no usable rows: every row of split {self.ledger.split!r} was rejected "
                              f"(reasons in {self.ledger.folder}/*.jsonl); raise data.cutoff_len or check the images")
+
+    def _keep(self, row: int, features: dict) -> None:
+        size = sum(v.numel() * v.element_size() for v in features.values() if hasattr(v, "element_size"))
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[row] = features
+            self.cached_bytes += size
 
 
 def streaming_splits(processor, data, run_dir: Path, train_rows, val_rows, fresh: bool):
@@ -409,7 +423,8 @@ def streaming_splits(processor, data, run_dir: Path, train_rows, val_rows, fresh
     encoder = Encoder(processor, data.cutoff_len, data.image_max_pixels, data.image_min_pixels)
     if not len(train_rows):
         raise RadscribeError(f"{data.dataset}: split {data.train_split!r} has no rows")
-    splits = [StreamingSplit(rows, encoder, RowLedger(run_dir / "rows", name, len(rows), fresh))
+    splits = [StreamingSplit(rows, encoder, RowLedger(run_dir / "rows", name, len(rows), fresh),
+                             cache_bytes=data.encode_cache_mb * 2**20)
               for name, rows in (("train", train_rows), ("val", val_rows)) if len(rows)]
     return splits[0], (splits[1] if len(splits) > 1 else None)
 

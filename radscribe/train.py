@@ -225,6 +225,7 @@ def _training_arguments(cfg: TrainConfig, checkpoints: Path, has_val: bool):
         eval_steps=t.eval_steps, eval_on_start=has_val,
         seed=t.seed, data_seed=t.seed, report_to="none", remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=t.dataloader_workers,
+        dataloader_persistent_workers=t.dataloader_workers > 0,  # their encode caches live across epochs
         deepspeed=deepspeed_config(t.deepspeed), use_cpu=on_cpu,
         ddp_backend=dist.backend() if on_cpu and dist.world_size() > 1 else None,
         disable_tqdm=not dist.is_main(),

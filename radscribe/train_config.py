@@ -41,6 +41,9 @@ class DataSection:
     processor's own floor (65,536 px in the published Qwen3-VL processor)."""
     max_samples: int | None = None
     """Use only the first N training rows (quick runs)."""
+    encode_cache_mb: int = 1024
+    """Encoded samples each data process (a DataLoader worker, or the training process) keeps in memory, in MiB, so
+    that later epochs do not encode them again; 0 encodes every row every epoch. Nothing is encoded before step 1."""
     packing: bool = False
     """Pack each batch's samples into as few rows of at most cutoff_len tokens as fit (never splitting a sample),
     each sample with its own positions and attention; removes padding, changes no loss (same samples per step)."""

@@ -42,6 +42,43 @@ def _losses(run: Path) -> tuple[list, list]:
 
 # --- the same losses as the pre-encoding path ----------------------------------------------------------------
 @pytest.mark.parametrize("workers", [0, 2])
+class _Counting:
+    """An encoder that counts its calls per row id."""
+
+    def __init__(self, encoder):
+        self.encoder, self.calls = encoder, Counter()
+
+    def __call__(self, sample):
+        self.calls[sample.id] += 1
+        return self.encoder(sample)
+
+
+@pytest.mark.parametrize("budget_rows", [100, 0])
+def test_later_epochs_reuse_the_encoded_rows_within_the_cache_budget(processor, rejects_dataset, tmp_path,
+                                                                      budget_rows):
+    # encoding costs more than a tiny model's step: a second epoch must not encode again what fits the budget, and
+    # what it returns must be what encoding gives; rejected rows are tried (and recorded) again
+    dataset, _ = rejects_dataset
+    rows = SplitRows(dataset, "train")
+    encoder = _Counting(Encoder(processor, REJECT_CUTOFF, 768 * 768, 32 * 32))
+    one = encoder.encoder(rows[0])
+    row_bytes = sum(v.numel() * v.element_size() for v in one.values() if hasattr(v, "element_size"))
+    split = StreamingSplit(rows, encoder, RowLedger(tmp_path / "rows", "train", len(rows), fresh=True),
+                           cache_bytes=budget_rows * row_bytes * 4)
+    first = [split[i]["input_ids"] for i in range(len(split))]
+    second = [split[i]["input_ids"] for i in range(len(split))]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    status, records = split.ledger.read()
+    rejected = {r["id"] for r in records}
+    usable = [sid for sid in encoder.calls if sid not in rejected]
+    assert rejected and len(usable) == int((status == 1).sum())
+    counts = {encoder.calls[sid] for sid in usable}
+    if budget_rows:
+        assert counts == {1}  # each usable row encoded once, the stand-in for a rejected row too
+    else:
+        assert min(counts) >= 2  # budget 0: every epoch encodes every row again
+
+
 def test_streaming_gives_the_losses_recorded_on_the_pre_encoding_path(workers, tiny_model_dir, tiny_dataset,
                                                                       tmp_path):
     # Recorded once with the code that encoded every row before step 1 (see the file's "what"); with no rejected
