@@ -187,6 +187,9 @@ def test_user_mistakes_are_one_line_errors(models, run_dir, tmp_path, monkeypatc
     (tmp_path / "noweights").mkdir()
     shutil.copy(models["qwen3_vl"] / "config.json", tmp_path / "noweights")
     with pytest.raises(RadscribeError, match="no \\*.safetensors"):
+        load_model(tmp_path / "noweights")
+    # the processor needs no weights (a GGUF export's processor/ folder has none), but its own files
+    with pytest.raises(RadscribeError, match="cannot load the processor, are the tokenizer and preprocessor files"):
         load_processor(tmp_path / "noweights")
     (tmp_path / "text-only").mkdir()
     (tmp_path / "text-only" / "config.json").write_text('{"model_type": "gpt2"}')
