@@ -40,8 +40,7 @@ def _losses(run: Path) -> tuple[list, list]:
     return [r["loss"] for r in log if "loss" in r], [r["eval_loss"] for r in log if "eval_loss" in r]
 
 
-# --- the same losses as the pre-encoding path ----------------------------------------------------------------
-@pytest.mark.parametrize("workers", [0, 2])
+# --- encoded once, reused in later epochs --------------------------------------------------------------------
 class _Counting:
     """An encoder that counts its calls per row id."""
 
@@ -79,6 +78,8 @@ def test_later_epochs_reuse_the_encoded_rows_within_the_cache_budget(processor, 
         assert min(counts) >= 2  # budget 0: every epoch encodes every row again
 
 
+# --- the same losses as the pre-encoding path ----------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 2])
 def test_streaming_gives_the_losses_recorded_on_the_pre_encoding_path(workers, tiny_model_dir, tiny_dataset,
                                                                       tmp_path):
     # Recorded once with the code that encoded every row before step 1 (see the file's "what"); with no rejected
