@@ -44,6 +44,12 @@ SECTION = "## Under attack (`python bench/serve_hostile.py`)"
 PROMPT = "图片中的诊断结果是怎样?"
 
 
+def solid_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def png_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
     if mode == "RGB":
@@ -232,7 +238,7 @@ class Attacks:
             "4 images of 4096x4096 (valid)": body(chat("q", *[uri(png_bytes(4096, 4096, mode="L"), "image/png")] * 4,
                                                        max_tokens=1)),
         }
-        self.race_inside = png_bytes(40, 40, 2)
+        self.race_inside = solid_png(40, 40, (0, 0, 255))  # blue inside; the secret outside is red
         (allowed / "sub").mkdir(parents=True)
         (allowed / "sub" / "x.png").write_bytes(self.race_inside)
         self.small = small
@@ -262,7 +268,11 @@ class Attacks:
 
     def race(self, http):
         reply = http.post(self.base + "/v1/preview", json={"image_url": "sub/x.png"}, timeout=60)
-        if reply.status_code == 200 and Image.open(io.BytesIO(reply.content)).size != (40, 40):
+        # by colour, not size: the preview is resized to the model's image policy, whatever the file's size
+        if reply.status_code == 200:
+            preview = np.asarray(Image.open(io.BytesIO(reply.content)).convert("RGB"), dtype=float)
+            red, _, blue = preview.mean(axis=(0, 1))
+        if reply.status_code == 200 and red > blue:
             self.leaks += 1
             return "LEAK"
         return str(reply.status_code)
@@ -412,7 +422,7 @@ def main() -> None:
         model_dir = build_tiny_model("qwen3_vl", tmp / "tiny", seed=0)
         allowed, outside = tmp / "allowed", tmp / "outside"
         outside.mkdir()
-        (outside / "x.png").write_bytes(png_bytes(56, 56, 3))  # the secret: another size than the inside one
+        (outside / "x.png").write_bytes(solid_png(56, 56, (255, 0, 0)))  # the secret: red, the inside one blue
         base = f"http://127.0.0.1:{args.port}"
         attacks = Attacks(base, allowed)
         proc = start_server(model_dir, args.port, 8, 5.0, args.threads, extra=["--allow-folder", str(allowed)])
