@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from radscribe.errors import RadscribeError
-from radscribe.serve.engine import Engine, Generation, _check, load_request_image
+from radscribe.serve.engine import Engine, Generation, load_request_image, sampling_defaults
 
 # llama-server's sampler set to what radscribe's engine does: temperature 0 = greedy; otherwise temperature and
 # top_p only (no top-k, min-p or repetition penalty, which llama-server would otherwise apply by default).
@@ -119,9 +119,11 @@ class LlamaCppEngine:
     Prompt tokens, the processor's image size and the text encoding come from the export's processor/ folder,
     through the same code as radscribe's own engine."""
 
-    def __init__(self, server, processor):
+    def __init__(self, server, processor, generation_config: dict | None = None):
         self.server = server
         self.processor = processor
+        self.defaults = sampling_defaults(generation_config or {})
+        """What a request gets for the sampling fields it leaves unset, as with --backend hf."""
         self.tokenizer = processor.tokenizer
         self._special = sorted((t for t in self.tokenizer.all_special_tokens + [
             str(t) for t in self.tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)] if t),
@@ -129,6 +131,7 @@ class LlamaCppEngine:
 
     prompt_tokens = Engine.prompt_tokens
     max_token_chars = Engine.max_token_chars
+    resolve = Engine.resolve  # unset sampling fields from the model's generation_config.json, then checked
 
     # --- the two calls create_app makes ---------------------------------------------------------------------
     def complete(self, requests: list) -> list:
@@ -166,7 +169,7 @@ class LlamaCppEngine:
                           completion_tokens=int(final.get("tokens_predicted", 0)), finish_reason=finish)
 
     def _body(self, request) -> dict:
-        _check(request)
+        request = self.resolve(request)
         if request.seed is not None and not 0 <= request.seed < SEED_LIMIT:
             raise RadscribeError(f"seed {request.seed}: --backend llamacpp takes seeds in [0, {SEED_LIMIT - 1}] "
                                  "(llama.cpp's are unsigned 32-bit)")
@@ -175,7 +178,8 @@ class LlamaCppEngine:
         if request.temperature == 0:
             body.update(temperature=0.0, top_k=1, top_p=1.0)
         else:
-            body.update(temperature=request.temperature, top_p=request.top_p,
+            body.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                        repeat_penalty=request.repetition_penalty,
                         seed=secrets.randbelow(SEED_LIMIT) if request.seed is None else request.seed)
         return body
 
@@ -227,7 +231,9 @@ def running(cfg):
     ctx = (cfg.max_prompt_tokens + cfg.max_tokens_limit) * cfg.max_batch  # llama-server splits -c over the slots
     with LlamaServer(export.model, mmproj=export.mmproj, ctx=ctx, extra=server_args(cfg),
                      api_key=secrets.token_urlsafe(24)) as server:
-        yield create_app(LlamaCppEngine(server, processor), cfg)
+        config = export.processor / "generation_config.json"  # the model's own, carried into the export
+        generation = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+        yield create_app(LlamaCppEngine(server, processor, generation), cfg)
 
 
 def serve_llamacpp(cfg) -> None:
