@@ -321,10 +321,13 @@ def test_engine_failures_and_abandoned_streams_do_not_take_the_server_down():
         # A client that walks away from an endless stream frees the worker for everyone else.
         with httpx.stream("POST", f"{url}/v1/chat/completions",
                           json={"stream": True, "messages": [user("forever")]}) as resp:
-            lines = resp.iter_lines()
-            assert next(lines).startswith("data: ")
+            # leave once the endless generator is running (its first chunk arrived), not before it started
+            assert any("more " in line for line in resp.iter_lines() if line.startswith("data: "))
         after = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("next")]}, timeout=20)
         assert after.json()["choices"][0]["message"]["content"] == "report no-image for next"
+        deadline = time.monotonic() + 10  # the server notices the closed connection at its next chunk
+        while not engine.stream_closed and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert engine.stream_closed
 
 
