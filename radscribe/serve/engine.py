@@ -103,6 +103,13 @@ def sampling_defaults(generation_config: dict) -> Sampling:
                     repetition_penalty=float(generation_config.get("repetition_penalty") or 1.0))
 
 
+def image_placeholders(messages: list[dict]) -> list[dict]:
+    """`messages` with every image part a bare `{"type": "image"}`: what the chat template needs to place its image
+    tokens, without the image itself (which may not be decoded yet, or be anything)."""
+    return [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
+
+
 def load_request_image(image):
     """A chat image entry (PIL image, path or bytes) -> an RGB PIL image, through the project's one image loader."""
     from PIL import Image
@@ -246,11 +253,9 @@ class Engine:
 
         Raises RadscribeError when the processor refuses an image size (e.g. an aspect ratio over its limit).
         """
-        skeleton = [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
-                    if isinstance(m.get("content"), list) else m for m in messages]
-        ids = self.tokenizer.apply_chat_template(skeleton, chat_template=self.processor.chat_template,
-                                                 add_generation_prompt=True, tokenize=True,
-                                                 sanitize_control_tokens=True, return_dict=False)
+        ids = self.tokenizer.apply_chat_template(image_placeholders(messages),
+                                                 chat_template=self.processor.chat_template, add_generation_prompt=True,
+                                                 tokenize=True, sanitize_control_tokens=True, return_dict=False)
         image_processor = self.processor.image_processor
         merge = image_processor.merge_size ** 2
         total = len(ids) - len(image_sizes)  # each image is one placeholder in `ids`, expanded below

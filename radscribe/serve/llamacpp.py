@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from radscribe.errors import RadscribeError
-from radscribe.serve.engine import Engine, Generation, load_request_image, sampling_defaults
+from radscribe.serve.engine import Engine, Generation, image_placeholders, load_request_image, sampling_defaults
 
 # llama-server's sampler set to what radscribe's engine does: temperature 0 = greedy; otherwise temperature and
 # top_p only (no top-k, min-p or repetition penalty, which llama-server would otherwise apply by default).
@@ -200,9 +200,8 @@ class LlamaCppEngine:
                     raise RequestRejected(f"a message holds the control token {found!r}: with an image, "
                                           "--backend llamacpp passes text that llama.cpp parses for special tokens, "
                                           "so it refuses it (remove it, or serve with --backend hf)", param="messages")
-        skeleton = [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
-                    if isinstance(m.get("content"), list) else m for m in messages]
-        rendered = self.tokenizer.apply_chat_template(skeleton, chat_template=self.processor.chat_template,
+        rendered = self.tokenizer.apply_chat_template(image_placeholders(messages),
+                                                      chat_template=self.processor.chat_template,
                                                       add_generation_prompt=True, tokenize=False)
         from radscribe.interop.gguf import vision_blocks_to_marker
 
