@@ -183,7 +183,16 @@ def _extract_vendored(archive: Path, dest: Path) -> Path:
         if not any(m.name == "convert_hf_to_gguf.py" for m in members):
             raise RadscribeError(f"{archive} holds no {prefix}convert_hf_to_gguf.py: pass the llama-cpp-python "
                                  f"{LLAMA_CPP_PYTHON} source distribution")
-        tar.extractall(dest, members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:  # Python before 3.11.4 (Debian 12's 3.11.2) has no extraction filters: the same refusals by hand
+            for member in members:
+                if Path(member.name).is_absolute() or ".." in Path(member.name).parts or not (
+                        member.isfile() or member.isdir()):
+                    raise RadscribeError(f"{archive}: refusing to extract {member.name!r} (an absolute path, a "
+                                         "path leaving the folder, a link or a device)")
+                member.mode &= 0o755  # as the "data" filter: no setuid/setgid/sticky, no group/other write
+            tar.extractall(dest, members=members)
     return dest
 
 
