@@ -124,20 +124,36 @@ def check_config(cfg: ServeConfig) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise RadscribeError(f"serve: {name} must be positive, got {value}")
-    if cfg.max_queued_pixels < cfg.max_images * cfg.images.max_pixels:
-        raise RadscribeError(f"serve: max_queued_pixels {cfg.max_queued_pixels} is less than one request may "
-                             f"bring ({cfg.max_images} images x {cfg.images.max_pixels} pixels); raise "
-                             "--max-queued-pixels or lower --max-pixels")
+    largest = cfg.max_images * cfg.images.max_pixels
+    shared = cfg.max_queued_pixels - cfg.max_queued_pixels // Admission.RESERVED_PART
+    if shared < largest:
+        need = math.ceil(largest * Admission.RESERVED_PART / (Admission.RESERVED_PART - 1))
+        raise RadscribeError(f"serve: max_queued_pixels {cfg.max_queued_pixels} leaves {shared} pixels for large "
+                             f"requests, less than one request may bring ({cfg.max_images} images x "
+                             f"{cfg.images.max_pixels} pixels); raise --max-queued-pixels to at least {need} or "
+                             "lower --max-pixels")
 
 
 class Admission:
-    """Who may enter the queue: bounded waiting requests (in all and per client) and decoded pixels held."""
+    """Who may enter the queue: bounded waiting requests (in all and per client) and decoded pixels held.
+
+    The pixel budget is split so that large uploads cannot lock small ones out (bench/serve_hostile.py found four
+    clients sending four 4096x4096 images each holding it whole, and honest clients with one 128x128 scan at 429):
+    a quarter of it is reserved in equal slots, one per queue place, and a request whose images fit one slot
+    (1,048,576 pixels by default: a 1024x1024 scan) is never refused for pixels; a larger one is charged what it
+    holds beyond its slot against the other three quarters. The total held stays within the budget."""
+
+    RESERVED_PART = 4
+    """1/RESERVED_PART of the pixel budget is the slots' reserve."""
 
     def __init__(self, max_queue: int, max_per_client: int, max_pixels: int):
         self.max_queue, self.max_per_client, self.max_pixels = max_queue, max_per_client, max_pixels
+        self.slot = max_pixels // self.RESERVED_PART // max_queue
+        self.shared = max_pixels - self.slot * max_queue
         self.waiting = 0
         self.running = 0
         self.pixels = 0
+        self.shared_used = 0
         self.by_client: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -148,11 +164,13 @@ class Admission:
                 why = f"the queue is full ({self.waiting} requests waiting)"
             elif mine >= self.max_per_client:
                 why = f"this client already has {mine} requests waiting, its share of the queue"
-            elif self.pixels + pixels > self.max_pixels:
-                why = f"queued requests already hold {self.pixels} decoded pixels, the limit is {self.max_pixels}"
+            elif self.shared_used + max(0, pixels - self.slot) > self.shared:
+                why = (f"large queued requests already hold {self.shared_used} decoded pixels beyond their slots, "
+                       f"the limit is {self.shared}")
             else:
                 self.waiting += 1
                 self.pixels += pixels
+                self.shared_used += max(0, pixels - self.slot)
                 self.by_client[client] = mine + 1
                 return Ticket(self, client, pixels)
         raise RequestRejected(f"server busy: {why}; retry after {retry_after} s", status=429, code="queue_full",
@@ -167,6 +185,7 @@ class Admission:
     def _release(self, ticket: "Ticket", started: bool) -> None:
         with self._lock:
             self.pixels -= ticket.pixels
+            self.shared_used -= max(0, ticket.pixels - self.slot)
             if started:
                 self.running -= 1
             else:
@@ -182,7 +201,7 @@ class Admission:
 
     @property
     def saturated(self) -> bool:
-        return self.waiting >= self.max_queue or self.pixels >= self.max_pixels
+        return self.waiting >= self.max_queue or self.shared_used >= self.shared
 
 
 class Ticket:
