@@ -115,7 +115,8 @@ def report(results: dict, cross: dict, build: dict, load_before, load_after, sec
         f"{WIDTHS.text_hidden}, MoE {WIDTHS.experts} experts of width {WIDTHS.moe_intermediate}; random bf16 weights) "
         "+ a LoRA r4 with random B and scale 16 on every projection (expert LoRA on the MoE; tests/test_gguf.py "
         "make_adapter), merged",
-        "- reference: transformers greedy on the merged safetensors in fp32; GGUF: llama-server `POST /completion`, "
+        "- reference: transformers greedy on the merged safetensors in fp32 (loaded by radscribe.model.load); "
+        "GGUF: llama-server `POST /completion`, "
         f"temperature 0, top_k 1, {TOKENS} tokens, llama-server threads = cores",
         f"- cases: tests/test_gguf.py parity_cases, the first two text-only and two image candidates whose {TOKENS} "
         f"greedy steps in transformers all lead by >= {MIN_GAP} in log-probability (image = a 256x256 noise PNG of "

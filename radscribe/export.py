@@ -16,7 +16,10 @@ list-form `extra_special_tokens` that 4.57's tokenizer cannot read. Nothing of P
 LoRA on MoE experts (PEFT `target_parameters`) is merged too, and the fused expert tensors are written in the
 released layout, gate_up_proj (E, H, 2I) and down_proj (E, I, H): transformers' `save_pretrained` writes its
 in-memory layout (E, 2I, H) / (E, H, I), which transformers' own loader and DeepSpeed ZeRO-3 would then
-transpose a second time.
+transpose a second time. When moe_intermediate_size equals the hidden size (or half of it), the two layouts have
+the same shape: the export still writes the released one, radscribe's loader reads it right, but a plain
+transformers 5.24 `from_pretrained` keeps such a tensor untransposed (no published Qwen3-VL-MoE has that shape;
+radscribe.model.load.undo_unconverted_square_experts).
 
 `--quantize 4bit` then reloads the merged folder through the one model loader with bitsandbytes nf4 (double
 quant, bf16 compute) and saves it pre-quantised: config.json records the `quantization_config`, the linear
@@ -245,9 +248,13 @@ def _text_config(config):
 def to_released_expert_layout(folder: str | Path, hidden_size: int) -> int:
     """Rewrite fused expert tensors of a saved folder into the released layout; returns how many were moved.
 
-    The released layout has the hidden size as dim 1 of gate_up_proj and dim 2 of down_proj; a tensor already
-    in that layout is left alone (so a transformers that saves the released layout needs no change here).
-    Shards are rewritten one at a time, keeping memory to one shard.
+    `folder` was just written by transformers' `save_pretrained`, i.e. in its in-memory layout. The released
+    layout has the hidden size as dim 1 of gate_up_proj and dim 2 of down_proj; a tensor already in that layout is
+    left alone (so a transformers that saves the released layout needs no change here). A square tensor (dims 1
+    and 2 both the hidden size: moe_intermediate_size == hidden_size for down_proj, twice it for gate_up_proj)
+    looks the same in both layouts, so it is taken as what save_pretrained wrote and transposed: leaving it would
+    store the in-memory layout under the released one's name, which llama.cpp's converter then transposes into
+    the wrong experts. Shards are rewritten one at a time, keeping memory to one shard.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -263,11 +270,11 @@ def to_released_expert_layout(folder: str | Path, hidden_size: int) -> int:
             tensors = {k: f.get_tensor(k) for k in keys}
         for key, tensor in tensors.items():
             kind = _expert_kind(key)
-            if kind == "gate_up_proj" and tensor.shape[1] != hidden_size:
-                tensors[key] = tensor.transpose(1, 2).contiguous()  # (E, 2I, H) -> (E, H, 2I)
-                moved += 1
-            elif kind == "down_proj" and tensor.shape[2] != hidden_size:
-                tensors[key] = tensor.transpose(1, 2).contiguous()  # (E, H, I) -> (E, I, H)
+            if kind is None:
+                continue
+            hidden_dim = 1 if kind == "gate_up_proj" else 2  # released (E, H, 2I) / (E, I, H)
+            if tensor.shape[hidden_dim] != hidden_size or tensor.shape[1] == tensor.shape[2]:
+                tensors[key] = tensor.transpose(1, 2).contiguous()  # (E, 2I, H) / (E, H, I) -> released
                 moved += 1
         save_file(tensors, str(shard), metadata=metadata)
     return moved

@@ -75,6 +75,31 @@ def test_export_matches_base_plus_adapter(tmp_path, arch):
     assert (logits_plain - logits_adapter).abs().max() > 0.1  # the adapter really changes the model
 
 
+@pytest.mark.parametrize("moe_intermediate", [64, 32])  # hidden 64: down_proj, then gate_up_proj square
+def test_export_writes_square_experts_in_the_released_layout(tmp_path, moe_intermediate):
+    """A square expert tensor has the same shape in both layouts: the export still writes the merged experts
+    transposed (the released layout llama.cpp's converter and the loader read), and loads back as base + adapter."""
+    from safetensors import safe_open
+
+    from radscribe.model.load import EXPERT_TENSORS
+
+    base = build_tiny_model("qwen3_vl_moe", tmp_path / "base", seed=0, text_hidden=64,
+                            moe_intermediate=moe_intermediate)
+    adapter = make_adapter(base, tmp_path / "adapter", experts=True)
+    out = export(base, adapter, tmp_path / "export")
+    with_adapter, processor = load_model(base, adapter=adapter, device="cpu")
+    in_memory = {k: v for k, v in with_adapter.state_dict().items() if k.endswith(EXPERT_TENSORS)}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if k.endswith(EXPERT_TENSORS)}  # noqa: SIM118
+    assert stored.keys() == in_memory.keys() and len(stored) == 4
+    for name, tensor in stored.items():
+        assert torch.equal(tensor, in_memory[name].transpose(1, 2)), name
+    exported, _ = load_model(out, device="cpu")
+    (tokens_export, logits_export), (tokens_adapter, logits_adapter) = (greedy(m, processor)
+                                                                        for m in (exported, with_adapter))
+    assert tokens_export == tokens_adapter and torch.allclose(logits_export, logits_adapter, atol=1e-4)
+
+
 def test_export_4bit_is_prequantised_and_matches_quantised_load(tmp_path):
     from transformers import AutoModelForImageTextToText
 

@@ -124,10 +124,9 @@ def quantized(entry: dict, quant: str):
 def references(entry: dict, cases=CANDIDATES, n: int = TOKENS, enough=None):
     """[(case, llama-server prompt, images, transformers' greedy tokens, their smallest top-1/top-2 gap)], case by
     case; with `enough(refs)`, stop as soon as it is true."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(entry["hf"], dtype=torch.float32).eval()
-    processor = load_processor(entry["hf"])
+    # the one loader: plain from_pretrained reads the fixture's square expert down_proj (moe_intermediate_size ==
+    # hidden_size) untransposed (radscribe.model.load.undo_unconverted_square_experts)
+    model, processor = load_model(entry["hf"], dtype="fp32", device="cpu")
     out = []
     for text, seed in cases:
         image = None if seed is None else scan(seed)
@@ -279,15 +278,12 @@ def test_moe_expert_lora_is_merged_into_the_gguf_experts(built):
     assert (merged - base).abs().max() > 1e-3  # and the expert LoRA did change them
 
 
-MOE_MISMATCH = pytest.mark.xfail(strict=True, reason=(
-    "open: llama.cpp's qwen3vlmoe answers differ from transformers' from the first token on the tiny MoE, at f16 too, "
-    "although the GGUF's expert, router and output tensors equal the merged model's (bench/results/gguf.md)"))
 RANDOM_MARGINS = pytest.mark.xfail(strict=True, reason=(
     "a random model's greedy steps are decided by 1e-3..2e-2 in log-probability, below q8_0's rounding, so its "
     "answers diverge within a few tokens; the 90 % criterion needs a fixture with trained margins"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl", pytest.param("qwen3_vl_moe", marks=MOE_MISMATCH)])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_f16_gguf_greedy_equals_transformers(built, greedy_refs, arch):
     out = built(arch)["f16"]
     cases = greedy_refs(arch)

@@ -236,6 +236,8 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     except (OSError, ValueError, KeyError) as err:
         first_line = (str(err).splitlines() or [""])[0]
         raise RadscribeError(f"{path}: cannot load the model ({type(err).__name__}: {first_line})")
+    if where.path != "zero3-partitioned":
+        undo_unconverted_square_experts(model, path)
     if trainable and bnb is not None:
         from radscribe.model.lora import prepare_qlora_base
 
@@ -253,6 +255,40 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
         model.eval()
         model.requires_grad_(False)
     return model, processor
+
+
+EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+"""The fused MoE expert tensors, stored transposed to transformers' in-memory layout in released checkpoints."""
+
+
+def undo_unconverted_square_experts(model, path: Path) -> int:
+    """Transpose the fused expert tensors that transformers read from `path` without converting them; returns how many.
+
+    Released Qwen3-VL-MoE checkpoints (and every folder radscribe writes) store gate_up_proj as (E, H, 2I) and
+    down_proj as (E, I, H); in memory they are (E, 2I, H) / (E, H, I). transformers 5.24 converts on load with
+    `Transpose(1, 2, check_dims=True)`, which keeps a tensor as it is whenever its shape already equals the
+    in-memory one. With moe_intermediate_size == hidden_size (down_proj) or 2 * moe_intermediate_size ==
+    hidden_size (gate_up_proj) both layouts have the same shape, so that tensor silently comes in transposed: the
+    model computes with the wrong experts, while llama.cpp's converter (which transposes unconditionally) reads the
+    file right. Only such square tensors are looked at, each against the file: one still equal to the stored tensor
+    was not converted and is transposed here; one that transformers did convert differs and is left alone. (Under
+    DeepSpeed ZeRO-3 transformers transposes unconditionally, so the caller skips this there.)"""
+    import torch
+    from safetensors import safe_open
+
+    square = {name: param for name, param in model.named_parameters()
+              if name.endswith(EXPERT_TENSORS) and param.dim() == 3 and param.shape[1] == param.shape[2]}
+    fixed = 0
+    for shard in sorted(path.glob("*.safetensors")) if square else ():
+        with safe_open(str(shard), framework="pt") as f:
+            for name in square.keys() & set(f.keys()):
+                param = square[name]
+                stored = f.get_tensor(name).to(device=param.device, dtype=param.dtype)
+                if torch.equal(param.data, stored) and not torch.equal(stored, stored.transpose(1, 2)):
+                    with torch.no_grad():
+                        param.copy_(stored.transpose(1, 2))
+                    fixed += 1
+    return fixed
 
 
 def merge_for_inference(model, quantized: bool):

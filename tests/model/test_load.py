@@ -260,3 +260,28 @@ def test_inference_on_a_4bit_base_merges_the_expert_lora_only(models, tmp_path):
     with torch.no_grad():
         difference = (merged(**inputs).logits - unmerged(**inputs).logits).abs().max()
     assert difference < 1e-4
+
+
+@pytest.mark.parametrize("moe_intermediate, square", [(64, "down_proj"), (32, "gate_up_proj")])
+def test_square_experts_are_read_in_the_released_layout(tmp_path, moe_intermediate, square):
+    """With moe_intermediate_size == hidden_size (down_proj) or twice it == hidden_size (gate_up_proj) a released
+    expert tensor has its in-memory shape, and transformers 5.24's shape-checked Transpose keeps it untransposed;
+    the one loader reads every expert tensor as the file's transpose, as llama.cpp's converter does."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from radscribe.model.tiny import build_tiny_model
+
+    base = build_tiny_model("qwen3_vl_moe", tmp_path / "base", seed=0, text_hidden=64,
+                            moe_intermediate=moe_intermediate)
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if k.endswith(loader.EXPERT_TENSORS)}  # noqa: SIM118
+    assert len(stored) == 4  # two layers, two fused tensors each
+    model, _ = load_model(base, device="cpu", dtype="fp32")
+    params = dict(model.named_parameters())
+    for name, tensor in stored.items():
+        assert torch.equal(params[name], tensor.transpose(1, 2)), name
+    # what it corrects: plain transformers keeps the square one as stored (the other it transposes itself)
+    plain = dict(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).named_parameters())
+    for name, tensor in stored.items():
+        assert torch.equal(plain[name], tensor if name.endswith(square) else tensor.transpose(1, 2)), name
