@@ -364,7 +364,7 @@ def cmd_serve(p) -> None:
     s.flag("--max-pixels", "images.max_pixels")
     s.flag("--fetch-timeout", "images.fetch_timeout_s")
     for option in ("--max-prompt-tokens", "--max-queue", "--max-queue-per-client", "--max-queued-pixels",
-                   "--max-in-flight"):
+                   "--max-in-flight", "--client-mb-per-s", "--client-pixels-per-s"):
         s.flag(option)
     s.flag("--allow-origin", "allow_origins")
     s.flag("--header-timeout", "header_timeout_s")

@@ -104,6 +104,13 @@ class ServeConfig:
     max_queued_pixels: int = 2 * 4 * 4096 * 4096
     """Decoded image pixels that admitted requests may hold at once (two requests of four 4096x4096 images);
     past it requests get 429."""
+    client_mb_per_s: float = 4.0
+    """Request-body megabytes one client address may send per second, sustained (a burst may reach
+    max_body_bytes); past it 429 with Retry-After before the body is read. Behind a reverse proxy every client
+    shares the proxy's address: raise it there."""
+    client_pixels_per_s: int = 4 * 1024 * 1024
+    """Image pixels one client address may have decoded per second, sustained (a burst may reach max_images x
+    images.max_pixels); past it 429 with Retry-After before anything is decoded."""
     max_in_flight: int = 128
     """Most HTTP requests being handled at once (reading, checking, waiting); past it 503 with Retry-After."""
     header_timeout_s: float = 10.0
@@ -120,7 +127,8 @@ def check_config(cfg: ServeConfig) -> None:
                 "max_queue_per_client": cfg.max_queue_per_client, "max_queued_pixels": cfg.max_queued_pixels,
                 "max_in_flight": cfg.max_in_flight, "header_timeout_s": cfg.header_timeout_s,
                 "body_timeout_s": cfg.body_timeout_s, "images.max_image_bytes": cfg.images.max_image_bytes,
-                "images.max_pixels": cfg.images.max_pixels, "images.fetch_timeout_s": cfg.images.fetch_timeout_s}
+                "images.max_pixels": cfg.images.max_pixels, "images.fetch_timeout_s": cfg.images.fetch_timeout_s,
+                "client_mb_per_s": cfg.client_mb_per_s, "client_pixels_per_s": cfg.client_pixels_per_s}
     for name, value in positive.items():
         if not value > 0:
             raise RadscribeError(f"serve: {name} must be positive, got {value}")
@@ -202,6 +210,37 @@ class Admission:
     @property
     def saturated(self) -> bool:
         return self.waiting >= self.max_queue or self.shared_used >= self.shared
+
+
+class ClientRate:
+    """A credit per client address that refills at `per_s` up to `burst` (a token bucket): what one client may
+    make the server read or decode, sustained. Requests that never reach the model cost too: 11 MB deflate bombs
+    are refused one by one, but reading, base64-decoding and inflating them within bounds, back to back, takes
+    the server process's cores and GIL from the model's thread (bench/serve_hostile.py); the fair queue cannot
+    see that work, this can."""
+
+    def __init__(self, per_s: float, burst: float, what: str, option: str):
+        self.per_s, self.burst, self.what, self.option = per_s, burst, what, option
+        self._credit: dict[str, tuple[float, float]] = {}  # client -> (credit, when)
+        self._lock = threading.Lock()
+
+    def take(self, client: str, amount: float, debt: bool = False) -> None:
+        """Charge `amount`, or 429 when the client's credit does not cover it (`debt`: charge what was already
+        read, even into debt, which then holds the client's next requests back)."""
+        with self._lock:
+            now = time.monotonic()
+            credit, then = self._credit.get(client, (self.burst, now))
+            credit = min(self.burst, credit + (now - then) * self.per_s)
+            if not debt and credit < amount:
+                wait = math.ceil((amount - credit) / self.per_s)
+                self._credit[client] = (credit, now)
+                raise RequestRejected(f"this client has sent more {self.what} than this server takes from one "
+                                      f"address ({self.option}); retry after {wait} s", status=429,
+                                      code="rate_limited", headers={"Retry-After": str(wait)})
+            self._credit[client] = (credit - amount, now)
+            if len(self._credit) > 4096:  # forget the clients whose credit has refilled: they start full anyway
+                self._credit = {c: (k, t) for c, (k, t) in self._credit.items()
+                                if k + (now - t) * self.per_s < self.burst}
 
 
 class Ticket:
@@ -445,6 +484,10 @@ def create_app(engine, cfg: ServeConfig | None = None):
     check_config(cfg)
     batcher = Batcher(engine, cfg.max_batch, cfg.batch_wait_ms)
     admission = Admission(cfg.max_queue, cfg.max_queue_per_client, cfg.max_queued_pixels)
+    body_rate = ClientRate(cfg.client_mb_per_s * 1024 * 1024, cfg.max_body_bytes, "request-body bytes",
+                           "--client-mb-per-s")
+    pixel_rate = ClientRate(cfg.client_pixels_per_s, cfg.max_images * cfg.images.max_pixels, "image pixels",
+                            "--client-pixels-per-s")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -501,7 +544,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
-        body = await _read_json(request, cfg, run_in_threadpool)
+        body = await _read_json(request, cfg, run_in_threadpool, body_rate)
         params = _completion_params(body, cfg)
         messages, pending = await run_in_threadpool(_checked_messages, body["messages"], cfg)
         del body  # the parsed JSON holds the base64 images: gone before anything is decoded
@@ -546,7 +589,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
     @app.post("/v1/preview")
     async def preview(request: HttpRequest):
         """The image as the model will see it (DICOM windowed server-side), as PNG, for the web page."""
-        body = await _read_json(request, cfg, run_in_threadpool)
+        body = await _read_json(request, cfg, run_in_threadpool, body_rate)
         url, window = body.get("image_url"), body.get("window")
         if isinstance(url, dict):
             url, window = url.get("url"), url.get("window", window)
@@ -578,8 +621,15 @@ def create_app(engine, cfg: ServeConfig | None = None):
         return FileResponse(assets[name])
 
     def _admit(request: HttpRequest, pending: list[_PendingImage]) -> Ticket:
-        client = request.client.host if request.client else "unknown"
-        return admission.admit(client, sum(p.pixels for p in pending), batcher.retry_after(admission.waiting))
+        client = _client(request)
+        pixels = sum(p.pixels for p in pending)
+        ticket = admission.admit(client, pixels, batcher.retry_after(admission.waiting))
+        try:
+            pixel_rate.take(client, pixels)
+        except RequestRejected:
+            ticket.release()
+            raise
+        return ticket
 
     allowed_hosts = [*LOOPBACK_NAMES, *cfg.allow_origins]
     if cfg.host not in ("0.0.0.0", "::", ""):
@@ -620,8 +670,13 @@ async def _disconnected(request: HttpRequest) -> None:
         pass
 
 
-async def _read_json(request, cfg: ServeConfig, run_in_threadpool) -> dict:
-    """The request body as a JSON object: bounded in size and time, parsed off the event loop, strictly."""
+def _client(request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _read_json(request, cfg: ServeConfig, run_in_threadpool, rate: ClientRate) -> dict:
+    """The request body as a JSON object: bounded in size, time and the client's byte rate, parsed off the event
+    loop, strictly."""
     limit = cfg.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -630,6 +685,7 @@ async def _read_json(request, cfg: ServeConfig, run_in_threadpool) -> dict:
         if int(declared) > limit:
             raise RequestRejected(f"request body of {declared} bytes is over the limit of {limit}", status=413,
                                   code="body_too_large")
+    rate.take(_client(request), int(declared) if declared is not None else 0)  # refused before a byte is read
     chunks, size = [], 0
     try:
         async with asyncio.timeout(cfg.body_timeout_s):
@@ -642,6 +698,8 @@ async def _read_json(request, cfg: ServeConfig, run_in_threadpool) -> dict:
     except TimeoutError:
         raise RequestRejected(f"the request body did not arrive within {cfg.body_timeout_s:g} s", status=408,
                               code="body_timeout") from None
+    if declared is None:
+        rate.take(_client(request), size, debt=True)  # chunked: charged as read
     return await run_in_threadpool(parse_json_body, b"".join(chunks))
 
 

@@ -88,6 +88,8 @@ REFUSED = {
     "max_in_flight": ("--max-in-flight", "vLLM has no cap on requests in flight"),
     "header_timeout_s": ("--header-timeout", "vLLM's HTTP server has no header deadline"),
     "body_timeout_s": ("--body-timeout", "vLLM's HTTP server has no body deadline"),
+    "client_mb_per_s": ("--client-mb-per-s", "vLLM has no per-client rate limit"),
+    "client_pixels_per_s": ("--client-pixels-per-s", "vLLM has no per-client rate limit"),
 }
 """ServeConfig fields vLLM has no equivalent for: (flag, why), refused when set."""
 TWINS = {"max_batch": "vllm.max_num_seqs", "max_images": "vllm.images_per_prompt"}

@@ -133,6 +133,39 @@ def test_browser_facing_guards_host_origin_content_type_and_headers(scripted):
     assert httpx.get(url + "/web/app.js").headers.get("cache-control") != "no-store"  # static files may be cached
 
 
+def test_a_client_past_its_byte_rate_gets_429_before_its_body_is_read_and_others_do_not():
+    cfg = ServeConfig(client_mb_per_s=1.0, max_body_bytes=2 * 1024 * 1024)  # burst 2 MiB, 1 MiB/s after it
+    body = json.dumps({"messages": [user("q")], "pad": "x" * 1_500_000}).encode()
+    with serve_in_thread(create_app(ScriptedEngine(), cfg)) as url:
+        assert post_raw(url, body).status_code == 200
+        started = time.monotonic()
+        refused = post_raw(url, body)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+        assert "--client-mb-per-s" in refused.json()["error"]["message"]
+        wait = int(refused.headers["Retry-After"])
+        assert 1 <= wait <= 2  # ~1 MB of credit missing at 1 MiB/s
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        assert other.post(url + CHAT, content=body, headers={"content-type": "application/json"}).status_code == 200
+        time.sleep(max(0.0, wait - (time.monotonic() - started)))
+        assert post_raw(url, body).status_code == 200  # the credit came back at the rate said
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_a_client_past_its_pixel_rate_gets_429_before_anything_is_decoded():
+    cfg = ServeConfig(client_pixels_per_s=1_000, max_images=1, images=ImagePolicy(max_pixels=10_000))
+    engine = ScriptedEngine()
+    with serve_in_thread(create_app(engine, cfg)) as url:
+        scan = {"messages": [user("q", data_uri(png((100, 100)), "image/png"))]}  # 10,000 pixels: the whole burst
+        assert httpx.post(url + CHAT, json=scan).status_code == 200
+        refused = httpx.post(url + CHAT, json=scan)
+        assert refused.status_code == 429 and "--client-pixels-per-s" in refused.json()["error"]["message"]
+        assert int(refused.headers["Retry-After"]) >= 9
+        assert len(engine.requests) == 1  # the refused one never reached the engine
+        health = httpx.get(url + "/health").json()
+        assert (health["queued"], health["queued_pixels"]) == (0, 0)  # its admission was given back
+        assert httpx.post(url + CHAT, json={"messages": [user("text only")]}).status_code == 200
+
+
 def test_limits_that_could_never_admit_a_request_are_refused_at_start():
     from radscribe.errors import RadscribeError
 
