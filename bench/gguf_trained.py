@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # train_confident takes its synthetic rows from conftest.make_synth_dataset
 
 from radscribe.cli import main  # noqa: E402
 from radscribe.interop import gguf, llamacpp  # noqa: E402

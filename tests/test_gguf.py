@@ -198,21 +198,23 @@ def train_confident(root: Path) -> dict:
     """{"base", "adapter", "hf" (merged), "summary" (train_summary.json), "cases", "reports"}: the dense real-layout
     model fine-tuned through `radscribe train` on synthetic rows (see TRAIN_ARGS); the cases are its training prompts,
     the reports its training answers."""
-    from conftest import make_synth_dataset
-
     from radscribe.export import export
     from radscribe.model.real_layout import build_real_layout_model
 
     base = build_real_layout_model("qwen3_vl", root / "base", seed=0, widths=measurement_widths())
-    synth = make_synth_dataset(root / "synth", n=TRAIN_ROWS, size=256, val_ratio=0.0)
+    assert main(["synth", "--out", str(root / "synth"), "--n", str(TRAIN_ROWS), "--size", "256",
+                 "--format", "png"]) == 0
+    dataset = root / "dataset"
+    assert main(["prepare", *map(str, sorted((root / "synth").glob("*.parquet"))), "--out", str(dataset),
+                 "--val-ratio", "0"]) == 0
     rows, cases, reports = [], [], []
-    for i, row in enumerate(json.loads((synth / "train.json").read_text())):
-        reports.append(row["messages"][1]["content"])
-        image = str(synth / row["images"][0])
-        text_only = json.loads(json.dumps(row))
-        text_only["messages"][0]["content"], text_only["images"] = f"复述第{i + 1}号报告。", []
-        rows += [dict(row, images=[image]), text_only]
-        cases += [(row["messages"][0]["content"].replace("<image>", ""), image), (f"复述第{i + 1}号报告。", None)]
+    for i, row in enumerate(json.loads((dataset / "train.json").read_text())):
+        prompt, answer = row["messages"]
+        image, retell = str(dataset / row["images"][0]), f"复述第{i + 1}号报告。"
+        rows += [dict(row, images=[image]),
+                 dict(row, images=[], messages=[{"role": "user", "content": retell}, answer])]
+        cases += [(prompt["content"].replace("<image>", ""), image), (retell, None)]
+        reports.append(answer["content"])
     (root / "data").mkdir()
     (root / "data" / "train.json").write_text(json.dumps(rows, ensure_ascii=False))
     assert main(["train", "--model", str(base), "--data", str(root / "data"), "--out", str(root / "run"),
