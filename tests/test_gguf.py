@@ -183,10 +183,11 @@ def greedy_refs(built):
 # confidence. Each row trains twice: with its 256x256 phantom (64 image tokens on both sides, no resize) and
 # text-only under a prompt of its own, so both kinds of case have a trained answer. Why the recipe is what it is
 # (measured on this model, loss at step 1 = ln 151,936 = 11.96): at the reference recipe's lr 5e-5 these 80 steps
-# only bring it to 10.9; at 1e-2 the LoRA outputs outgrow the residual stream within ten steps, the final RMSNorm
-# divides every gradient by that size (grad norm 0.03) and the loss stalls at ~11.0, the "stuck at 11.2" of an
-# earlier attempt; at 5e-3 it falls steadily to ~7.4. The frozen tied embedding (std 0.02) caps the logits at about
-# 5, so the loss cannot go far below ~7 -- but the greedy choice is what matters, and it then leads by a nat or so.
+# only bring it to 10.9; at 1e-2 (batch 4) it stalls at ~11.0 within twenty steps with the gradient norm down to 0.03,
+# like the "stuck at 11.2" of an earlier attempt (likely the final RMSNorm dividing the gradients by a residual
+# stream the LoRA outputs have blown up; not measured); at 5e-3 it falls steadily to ~7.4. The frozen tied embedding
+# (std 0.02) caps the logits at about 5, so the loss cannot go far below ~7 -- but the greedy choice is what
+# matters, and it then leads by a nat or so.
 TRAIN_ROWS = 3
 TRAIN_ARGS = ["train.precision=fp32", "train.max_steps=80", "train.per_device_batch=2", "train.grad_accum=1",
               "train.lr=5e-3", "train.scheduler=constant", "train.logging_steps=10", "train.save_steps=100000",
