@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.gguf_trained import SECTION as TRAINED_SECTION  # noqa: E402
 from radscribe.cli import main  # noqa: E402
 from radscribe.export import export  # noqa: E402
 from radscribe.interop import gguf, llamacpp  # noqa: E402
@@ -182,7 +183,9 @@ def main_bench() -> None:
         cross = cross_shape_check(Path(tmp), moe_q4)
     load_after = "/".join(f"{x:.2f}" for x in os.getloadavg())
     text = report(results, cross, build, load_before, load_after, time.monotonic() - start)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    trained = out.read_text().partition(TRAINED_SECTION)[1:] if out.exists() else ("", "")
+    out.write_text(text + ("\n" + "".join(trained) if trained[0] else ""))  # bench/gguf_trained.py's section stays
     print(text)
 
 
