@@ -100,11 +100,25 @@ def encapsulated_bomb(kind: str) -> bytes:
 
 # --- the server ------------------------------------------------------------------------------------------------
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """Resident bytes of the server and its descendants (the model process of radscribe/serve/model_process.py)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+        todo += children.get(current, [])
+    return total
 
 
 class Sampler:
@@ -542,7 +556,8 @@ def write_section(path: Path, args, quiet_s, quiet, attacked, attack_results, sl
         f"- load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
         f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} (other engineers' jobs share the cores)",
         f"- server: `radscribe serve --device cpu --allow-folder DIR` subprocess, OMP_NUM_THREADS={args.threads}, "
-        "tiny Qwen3-VL (as above), default limits; a thread swaps DIR/sub for a link to a folder outside throughout",
+        "tiny Qwen3-VL (as above), default limits, its model process included in the RSS figures; a thread swaps "
+        "DIR/sub for a link to a folder outside throughout",
         f"- honest load: {args.clients} official `openai` clients (no retries) from 127.0.1.x, back to back, one "
         f"128x128 PNG + question each, max_tokens {args.max_tokens}, greedy; {quiet_s:.0f} s quiet and "
         f"{args.duration:.0f} s attacked in {args.rounds} alternating rounds after a warm-up",

@@ -975,7 +975,7 @@ def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None
     """Check the port, load the engine and run uvicorn until interrupted."""
     import uvicorn
 
-    from radscribe.serve.engine import Engine
+    from radscribe.serve.model_process import ModelProcess
 
     cfg = cfg or ServeConfig()
     check_config(cfg)
@@ -983,12 +983,17 @@ def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None
     if cfg.host not in LOOPBACK_NAMES and not cfg.api_key:
         print(f"radscribe serve: warning: binding {cfg.host} with no API key exposes the model to the network; "
               "set --api-key or RADSCRIBE_API_KEY")
-    engine = Engine.from_pretrained(model, adapter=adapter, dtype=dtype, quantization=quantization, device=device,
-                                    batch_size=cfg.max_batch)
-    app = create_app(engine, cfg)
-    print(f"radscribe serve: http://{cfg.host}:{cfg.port}/  (API: /v1/chat/completions, model id {cfg.model_name!r})",
-          flush=True)
-    uvicorn.Server(uvicorn_config(app, cfg)).run(sockets=[sock])
+    # The model generates in a process of its own, off the GIL that every request's checks need
+    # (radscribe/serve/model_process.py).
+    engine = ModelProcess(model, adapter=adapter, dtype=dtype, quantization=quantization, device=device,
+                          batch_size=cfg.max_batch)
+    try:
+        app = create_app(engine, cfg)
+        print(f"radscribe serve: http://{cfg.host}:{cfg.port}/  (API: /v1/chat/completions, model id "
+              f"{cfg.model_name!r})", flush=True)
+        uvicorn.Server(uvicorn_config(app, cfg)).run(sockets=[sock])
+    finally:
+        engine.close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,244 @@
+"""`radscribe serve`'s model in a process of its own: `ModelProcess` is the Engine the API drives, and generates in a
+child process that holds the model.
+
+Why: the Batcher's one thread drives generation through thousands of small torch calls a second, each of which
+gives Python's GIL up and takes it back. In the server's process, that GIL is also what the event loop (reading
+request bodies), the request threads (JSON, base64, bounded DICOM inflating, tokenising prompts) and every refused
+request need: under bench/serve_hostile.py the requests that never reached the model slowed generation as much as
+the ones that did. In a child process the model has a GIL of its own; the server's process keeps everything that
+can be refused (every check, admission, the queue, the decoded images until they are sent).
+
+The protocol is a pipe of pickled tuples. Server -> model: ("complete", job, requests), ("stream", job, request),
+("cancel", job, index or None), ("exit", -1, None). Model -> server: ("done", job, generations), ("delta", job, text), ("end", job,
+None), ("error", job, exception). Requests travel without their `cancel` event (a threading.Event does not cross
+processes): the server watches each request's event while it waits and sends a cancel, and the child sets an event
+of its own, which the Engine's stopping criteria read at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from radscribe.errors import RadscribeError
+from radscribe.serve.engine import Engine, Generation, Request
+
+WATCH_S = 0.05
+"""How often a waiting call looks at its requests' cancel events (a client gone is noticed within this)."""
+
+
+class ModelProcess:
+    """An Engine in a child process (spawned: a fork would copy torch's threads), with the processor, sampling
+    defaults and image policy of the model it loaded, for the checks the API makes before anything is generated."""
+
+    prompt_tokens = Engine.prompt_tokens
+    max_token_chars = Engine.max_token_chars
+
+    def __init__(self, model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
+                 quantization: str | None = None, device: str | None = None, batch_size: int = 8):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_model_main, name="radscribe-model", daemon=True,
+                                        args=(child, str(model_dir), adapter, dtype, quantization, device, batch_size))
+        self._process.start()
+        child.close()
+        try:
+            kind, *payload = self._conn.recv()  # loading takes as long as it takes: the child says when it is done
+        except EOFError:
+            raise RadscribeError(f"the model process exited while loading {model_dir} (exit code "
+                                 f"{self._process.join(5) or self._process.exitcode})") from None
+        if kind == "failed":
+            self._process.join(5)
+            raise payload[0]
+        self.processor, self.defaults, self.image_policy = payload
+        self.tokenizer = self.processor.tokenizer
+        self._jobs: dict[int, queue.Queue] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # one writer on the pipe at a time, and the job table
+        self._gone: str | None = None
+        threading.Thread(target=self._read, name="radscribe-model-reader", daemon=True).start()
+
+    # --- what the API calls ----------------------------------------------------------------------------------
+    def complete(self, requests: list[Request], batch_size: int | None = None,
+                 progress: bool = False) -> list[Generation]:
+        """As `Engine.complete`, generated in the model process; a request whose `cancel` is set is stopped there."""
+        job, replies = self._open("complete", [_portable(r) for r in requests])
+        cancelled: set[int] = set()
+        try:
+            while True:
+                try:
+                    kind, payload = replies.get(timeout=WATCH_S)
+                except queue.Empty:
+                    for index, r in enumerate(requests):
+                        if index not in cancelled and r.cancel is not None and r.cancel.is_set():
+                            cancelled.add(index)
+                            self._send(("cancel", job, index))
+                    continue
+                if kind == "error":
+                    raise payload
+                return payload
+        finally:
+            self._close(job)
+
+    def stream(self, request: Request) -> Iterator[str]:
+        """As `Engine.stream`: text deltas as they are generated; closing the iterator stops generation."""
+        job, replies = self._open("stream", _portable(request))
+        ended = False
+        try:
+            while True:
+                try:
+                    kind, payload = replies.get(timeout=WATCH_S)
+                except queue.Empty:
+                    if request.cancel is not None and request.cancel.is_set():
+                        break
+                    continue
+                if kind == "delta":
+                    yield payload
+                    continue
+                ended = True
+                if kind == "error":
+                    raise payload
+                return
+        finally:
+            if not ended:
+                self._send(("cancel", job, None))  # the child stops at its next step; its "end" finds no one
+            self._close(job)
+
+    def close(self) -> None:
+        """Stop the model process (it is a daemon too: it also ends with this one)."""
+        # Said, not just closed: the pipe's end stays open while this side's reader is blocked on it, so the
+        # child would not see an end of file.
+        self._send(("exit", -1, None))
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _open(self, kind: str, payload) -> tuple[int, queue.Queue]:
+        replies: queue.Queue = queue.Queue()
+        with self._lock:
+            if self._gone:
+                raise RadscribeError(self._gone)
+            job = next(self._ids)
+            try:
+                self._conn.send((kind, job, payload))
+            except OSError:  # the child has gone and this side's reader has not seen it yet
+                raise RadscribeError(self._exited()) from None
+            self._jobs[job] = replies
+        return job, replies
+
+    def _send(self, message: tuple) -> None:
+        with self._lock:
+            if not self._gone:
+                try:
+                    self._conn.send(message)
+                except OSError:
+                    pass  # a cancel or exit for a process that has gone already
+
+    def _exited(self) -> str:
+        self._process.join(1)
+        return f"the model process has exited (exit code {self._process.exitcode}); restart radscribe serve"
+
+    def _close(self, job: int) -> None:
+        with self._lock:
+            self._jobs.pop(job, None)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, job, payload = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                replies = self._jobs.get(job)
+            if replies is not None:
+                replies.put((kind, payload))
+        gone = self._exited()
+        with self._lock:
+            self._gone = gone
+            for replies in self._jobs.values():
+                replies.put(("error", RadscribeError(self._gone)))
+
+
+def _portable(request: Request) -> Request:
+    return dataclasses.replace(request, cancel=None)
+
+
+def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_size) -> None:
+    """The child: load the Engine, say so, then run the jobs in arrival order (the API's Batcher sends one at a
+    time) while a reader thread takes the cancels as they come."""
+    try:
+        engine = Engine.from_pretrained(model_dir, adapter=adapter, dtype=dtype, quantization=quantization,
+                                        device=device, batch_size=batch_size)
+    except BaseException as err:  # noqa: BLE001 - said to the server, which raises it
+        conn.send(("failed", _sendable(err)))
+        return
+    conn.send(("ready", engine.processor, engine.defaults, engine.image_policy))
+    jobs: queue.Queue = queue.Queue()
+    events: dict[int, list[threading.Event]] = {}
+    send_lock = threading.Lock()
+
+    def send(message):
+        with send_lock:
+            conn.send(message)
+
+    def read():
+        while True:
+            try:
+                kind, job, payload = conn.recv()
+            except (EOFError, OSError):  # the server has gone: so does this process
+                jobs.put(None)
+                return
+            if kind == "exit":
+                jobs.put(None)
+                return
+            if kind == "cancel":
+                for index, event in enumerate(events.get(job, ())):
+                    if payload is None or payload == index:
+                        event.set()
+                continue
+            # the events exist before the job runs: a cancel that comes before it starts still counts
+            events[job] = [threading.Event() for _ in (payload if kind == "complete" else [payload])]
+            jobs.put((kind, job, payload))
+
+    threading.Thread(target=read, daemon=True).start()
+    while (message := jobs.get()) is not None:
+        kind, job, payload = message
+        cancel = events[job]
+        try:
+            if kind == "complete":
+                answers = engine.complete([dataclasses.replace(r, cancel=c) for r, c in zip(payload, cancel)])
+                send(("done", job, answers))
+            else:
+                deltas = engine.stream(dataclasses.replace(payload, cancel=cancel[0]))
+                try:
+                    for delta in deltas:
+                        if cancel[0].is_set():
+                            break
+                        send(("delta", job, delta))
+                finally:
+                    deltas.close()  # the engine stops generating when its iterator is closed
+                send(("end", job, None))
+        except Exception as err:  # noqa: BLE001 - the server answers it (400 for a RadscribeError, else 500)
+            send(("error", job, _sendable(err)))
+        finally:
+            events.pop(job, None)
+            message = payload = None  # the images go with the job
+
+
+def _sendable(err: BaseException) -> BaseException:
+    """`err` if it survives pickling, else a RuntimeError saying what it was."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(err).__name__}: {err}")
