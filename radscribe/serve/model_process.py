@@ -27,6 +27,10 @@ from pathlib import Path
 from radscribe.errors import RadscribeError
 from radscribe.serve.engine import Engine, Generation, Request
 
+class ModelGone(RuntimeError):
+    """The model process has exited: the server's fault, not the request's (500, not 400)."""
+
+
 WATCH_S = 0.05
 """How often a waiting call looks at its requests' cancel events (a client gone is noticed within this)."""
 
@@ -125,12 +129,12 @@ class ModelProcess:
         replies: queue.Queue = queue.Queue()
         with self._lock:
             if self._gone:
-                raise RadscribeError(self._gone)
+                raise ModelGone(self._gone)
             job = next(self._ids)
             try:
                 self._conn.send((kind, job, payload))
             except OSError:  # the child has gone and this side's reader has not seen it yet
-                raise RadscribeError(self._exited()) from None
+                raise ModelGone(self._exited()) from None
             self._jobs[job] = replies
         return job, replies
 
@@ -164,7 +168,7 @@ class ModelProcess:
         with self._lock:
             self._gone = gone
             for replies in self._jobs.values():
-                replies.put(("error", RadscribeError(self._gone)))
+                replies.put(("error", ModelGone(self._gone)))
 
 
 def _portable(request: Request) -> Request:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from radscribe.errors import RadscribeError
 from radscribe.serve.engine import Engine, Request
-from radscribe.serve.model_process import ModelProcess
+from radscribe.serve.model_process import ModelGone, ModelProcess
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_close_ends_the_model_process(tiny_model_dir):
     remote = ModelProcess(tiny_model_dir("qwen3_vl"), dtype="fp32", device="cpu")
     remote.close()
     assert remote._process.exitcode == 0
-    with pytest.raises(RadscribeError, match="model process has exited"):
+    with pytest.raises(ModelGone, match="model process has exited"):  # a 500 from the API, not a 400
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the reader notices the end of the pipe
             remote.complete([ask("q")])
