@@ -512,3 +512,120 @@ def test_the_real_processor_refuses_an_extreme_aspect_ratio_with_400(tiny_server
     reply = httpx.post(url + CHAT, json={"max_tokens": 2, "messages": [
         user("q", data_uri(png((2000, 2000)), "image/png"))] * 4}, timeout=120)
     assert reply.status_code == 200, reply.text  # 4 x 576 tokens (the tiny processor caps at 768x768): allowed
+
+
+class HeldEngine:
+    """The tiny Engine behind a gate: each generate call waits for `release`; records what the encoder thread
+    encoded and what each call received."""
+
+    def __init__(self, engine):
+        self.engine, self.processor = engine, engine.processor
+        self.release = threading.Event()
+        self.encoded: list[str] = []
+        self.received: list[tuple[str, bool, bool]] = []  # (text, came encoded, still holds its image)
+
+    @staticmethod
+    def text(request) -> str:
+        return request.messages[-1]["content"][-1]["text"]
+
+    def encode(self, request):
+        row = self.engine.encode(request)
+        self.encoded.append(self.text(request))
+        return row
+
+    def complete(self, requests):
+        for r in requests:
+            self.received.append((self.text(r), r.encoded is not None,
+                                  any("image" in part for part in r.messages[-1]["content"])))
+        assert self.release.wait(20)
+        return self.engine.complete(requests)
+
+
+def scan_request(text: str, seed: int, size: int = 96):
+    import numpy as np
+    from PIL import Image
+
+    from radscribe.serve.engine import Request
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    return Request(messages=[{"role": "user", "content": [{"type": "image", "image": Image.fromarray(pixels)},
+                                                          {"type": "text", "text": text}]}],
+                   max_new_tokens=6, temperature=0.0)
+
+
+def test_waiting_requests_are_encoded_while_the_model_generates_and_answer_the_same(tiny_server):
+    # bench/serve_hostile.py: a request of four large images held the model 0.6-0.8 s, a third of it in the
+    # processor. The Batcher's encoder thread encodes the requests due next while the model is busy, so that
+    # work is off the model's one serial path; the images go as soon as their row exists.
+    from radscribe.serve.api import Batcher
+
+    engine = tiny_server[0]
+    held = HeldEngine(engine)
+    batcher = Batcher(held, max_batch=1)
+    try:
+        jobs = [batcher.submit(scan_request("first", 0))]
+        assert wait_for(lambda: [r[0] for r in held.received] == ["first"])  # the model is busy with it
+        jobs += [batcher.submit(scan_request(f"q{i}", i, 64 + 32 * i)) for i in (1, 2, 3)]
+        assert wait_for(lambda: {"q1", "q2"} <= set(held.encoded))  # ... while these were encoded
+        time.sleep(0.3)
+        assert "q3" not in held.encoded  # the look-ahead is two groups (2 x max_batch requests)
+        assert batcher.ahead_bytes > 0
+        held.release.set()
+        answers = [job.future.result(timeout=60) for job in jobs]
+    finally:
+        batcher.close()
+    assert held.received[1:3] == [("q1", True, False), ("q2", True, False)]
+    expected = engine.complete([scan_request("first", 0)] + [scan_request(f"q{i}", i, 64 + 32 * i) for i in (1, 2, 3)])
+    assert answers == expected
+    assert batcher.ahead_bytes == 0  # every row encoded ahead was handed to the model
+
+
+def test_encoding_ahead_stops_at_its_byte_budget(tiny_server):
+    from radscribe.serve.api import Batcher
+
+    held = HeldEngine(tiny_server[0])
+    batcher = Batcher(held, max_batch=1, prefetch_bytes=1)  # one row ahead is already over it
+    try:
+        jobs = [batcher.submit(scan_request("first", 0))]
+        assert wait_for(lambda: len(held.received) == 1)
+        jobs += [batcher.submit(scan_request(name, i)) for i, name in enumerate(["next", "later"], 1)]
+        assert wait_for(lambda: "next" in held.encoded)
+        time.sleep(0.5)
+        assert "later" not in held.encoded  # waits until "next" goes to the model
+        held.release.set()
+        for job in jobs:
+            job.future.result(timeout=60)
+    finally:
+        batcher.close()
+    assert [r[:2] for r in held.received] == [("first", held.received[0][1]), ("next", True), ("later", True)]
+
+
+def test_request_intake_runs_below_the_models_cpu_priority():
+    # Parsing, checking, counting and decoding run in pool threads lowered by INTAKE_NICE, so that on a saturated
+    # machine the model (its own process, at the server's priority) gets the cores first.
+    from radscribe.serve.api import INTAKE_NICE
+
+    class Recording(ScriptedEngine):
+        max_token_chars = 8
+
+        def __init__(self):
+            super().__init__()
+            self.intake_nice: list[int] = []
+            self.generate_nice: list[int] = []
+
+        def prompt_tokens(self, messages, image_sizes):  # called in the request's intake thread
+            self.intake_nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return 10
+
+        def complete(self, requests):  # the batcher's worker: hands work to the model, not lowered
+            self.generate_nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return super().complete(requests)
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    engine = Recording()
+    with serve_in_thread(create_app(engine, ServeConfig())) as url:
+        for _ in range(3):
+            body = {"messages": [user("q", data_uri(png((40, 30)), "image/png"))]}
+            assert httpx.post(url + CHAT, json=body, timeout=30).status_code == 200
+    assert INTAKE_NICE == 10 and engine.intake_nice == [min(19, base + INTAKE_NICE)] * 3
+    assert engine.generate_nice == [base] * 3
