@@ -11,8 +11,8 @@ the one image loader, `radscribe.data.imaging.load_image` (DICOM is windowed ser
 model's processor. Non-streaming requests go through a `Batcher`: one worker thread takes the waiting request
 that is due (`FairQueue`: weighted fair queuing by prompt tokens per client address), gathers whatever else of a
 similar prompt length arrives within `batch_wait_ms` (up to `max_batch`), and calls `engine.complete` once for
-the group, while an encoder thread turns the requests due next into model inputs. Everything before the model
-runs at a lower CPU priority than generation (`INTAKE_NICE`). Streaming
+the group. Everything a request costs before the model runs at a lower CPU priority than generation
+(`INTAKE_NICE`). Streaming
 requests run on the same worker, one at a time, so the model is never driven by two threads at once. A client
 that goes away cancels its request, queued or generating. Every refusal is an OpenAI-shaped JSON error with a
 4xx status; the server keeps serving after it. docs/serving.md lists every limit and its default.
@@ -25,7 +25,6 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -43,7 +42,6 @@ from typing import Any, Literal
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves route annotations by name
 
 from radscribe.errors import RadscribeError
-from radscribe.serve.engine import image_placeholders
 from radscribe.serve.safety import (LOOPBACK_NAMES, HttpGuard, ImagePolicy, RequestRejected, check_pixels,
                                     header_timeout_protocol, image_bytes)
 from radscribe.serve.vllm import VllmOptions
@@ -311,21 +309,6 @@ class FairQueue:
             self._served = {c: n for c, n in self._served.items() if c in self._by_client or n > level}
             return job
 
-    def due(self, n: int) -> list:
-        """The next `n` waiting jobs in the order `get` would hand them out if nothing else arrived."""
-        with self._ready:
-            served, taken, due = dict(self._served), dict.fromkeys(self._by_client, 0), []
-            while len(due) < n:
-                waiting = [c for c in self._by_client if taken[c] < len(self._by_client[c])]
-                if not waiting:
-                    break
-                client = min(waiting, key=served.__getitem__)  # the first least-served, as `_first` picks
-                job, cost = self._by_client[client][taken[client]]
-                taken[client] += 1
-                served[client] += cost
-                due.append(job)
-            return due
-
     def _level(self) -> int:
         return min((self._served[c] for c in self._by_client), default=self._clock)
 
@@ -343,10 +326,10 @@ class FairQueue:
 
 INTAKE_NICE = 10
 """How much lower than generation the CPU priority of request intake runs: the pool threads that parse bodies,
-check and decode images and count tokens, and the encoder thread. On a saturated machine the kernel then gives
-the model (its own process, at the server's priority) the cores first, and what attackers make the server parse,
-inflate and refuse waits for it, not the other way round (bench/serve_hostile.py). Linux only: there a thread has
-a priority of its own."""
+check and decode images and count tokens. On a saturated machine the kernel then gives the model (its own
+process, at the server's priority) and the event loop the cores first, and what attackers make the server parse,
+inflate and refuse waits for them, not the other way round (bench/serve_hostile.py: attacked p99 0.85 -> 0.78 s,
+honest answers under attack +10 %). Linux only: there a thread has a priority of its own."""
 
 _intake_thread = threading.local()
 
@@ -362,50 +345,32 @@ def at_intake_priority(fn, *args):
     return fn(*args)
 
 
-PREFETCH_BYTES = 256 * 2**20
-"""Most bytes of model inputs encoded ahead for waiting requests (float pixel values are 8x their decoded image:
-a request of four 1024x1024 images is ~100 MB), plus the one being encoded."""
-
-
 class Batcher:
     """One worker thread between the API and the engine: groups plain requests of similar prompt length, runs
-    streams one at a time. Waiting requests are taken fairly across client addresses (`FairQueue`).
+    streams one at a time. Waiting requests are taken fairly across client addresses (`FairQueue`)."""
 
-    With an engine that can `encode` a request apart from generating (Engine, ModelProcess), an encoder thread
-    turns the requests due next into model inputs while the model generates: the processor's work (pixel values,
-    the chat template) then stays off the model's one serial path. bench/serve_hostile.py found a request of four
-    large images holding the model 0.6-0.8 s, a third of it encoding, while honest requests waited behind it."""
-
-    def __init__(self, engine, max_batch: int = 8, wait_ms: float = 5.0, prefetch_bytes: int = PREFETCH_BYTES):
+    def __init__(self, engine, max_batch: int = 8, wait_ms: float = 5.0):
         self.engine = engine
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000
         self.generate_calls = 0  # with `batched_requests`, reported by /health (the bench reads the mean batch)
         self.batched_requests = 0
         self.mean_batch_s = 1.0  # running mean of one generate call's seconds: the Retry-After estimate
-        self.prefetch_bytes = prefetch_bytes
-        self.ahead_bytes = 0  # model inputs encoded for requests still waiting (/health reports it)
         self._queue = FairQueue()
-        self._encoding = threading.Condition()  # guards each job's `stage` and `ahead_bytes`
-        self._closed = False
         self._worker = threading.Thread(target=self._run, name="radscribe-batcher", daemon=True)
         self._worker.start()
-        if hasattr(engine, "encode"):
-            threading.Thread(target=self._prefetch, name="radscribe-encoder", daemon=True).start()
 
     def submit(self, request, ticket: Ticket | None = None, tokens: int | None = None) -> "_Job":
         """Queue a non-streaming request (`tokens`: its prompt tokens, if known); `job.future` resolves to the
         engine's `Generation`."""
         job = _Job(request, concurrent.futures.Future(), ticket, tokens)
         self._queue.put(job, ticket.client if ticket else "", tokens or 1)
-        self._wake_encoder()
         return job
 
     def submit_stream(self, request, push, ticket: Ticket | None = None, tokens: int | None = None) -> "_StreamJob":
         """Queue a streaming request; `push(delta)` is called per text piece, then `push(None)` (or an exception)."""
         job = _StreamJob(request, push, ticket)
         self._queue.put(job, ticket.client if ticket else "", tokens or 1)
-        self._wake_encoder()
         return job
 
     def retry_after(self, waiting: int) -> int:
@@ -413,60 +378,8 @@ class Batcher:
         return max(1, min(60, math.ceil((waiting / self.max_batch + 1) * self.mean_batch_s)))
 
     def close(self) -> None:
-        self._closed = True
-        self._wake_encoder()
         self._queue.put(None)
         self._worker.join(timeout=5)
-
-    # --- encoding ahead ------------------------------------------------------------------------------------
-    def _wake_encoder(self) -> None:
-        with self._encoding:
-            self._encoding.notify_all()
-
-    def _prefetch(self) -> None:
-        """The encoder thread: encode the next waiting request due (within `prefetch_bytes`), again and again."""
-        at_intake_priority(lambda: None)
-        while not self._closed:
-            with self._encoding:
-                job = self._next_to_encode()
-                if job is None:
-                    self._encoding.wait(timeout=0.5)  # woken by a new request or a job leaving the queue
-                    continue
-                job.stage = "encoding"
-                request = job.request
-            try:
-                encoded = self.engine.encode(request)
-            except Exception:  # noqa: BLE001 - left to the engine, which meets the same error and answers it
-                encoded = None
-            with self._encoding:
-                if job.stage == "encoding":  # not taken meanwhile (then the model process encodes it itself)
-                    if encoded is not None:
-                        # The decoded images go: the encoded row is all the model needs of them from here on.
-                        job.request = dataclasses.replace(request, encoded=encoded,
-                                                          messages=image_placeholders(request.messages))
-                        job.encoded_bytes = sum(t.numel() * t.element_size() for t in encoded.values())
-                        self.ahead_bytes += job.encoded_bytes
-                    job.stage = "encoded"
-            request = encoded = job = None  # nothing of it stays here while the thread waits
-
-    def _next_to_encode(self):
-        if self.ahead_bytes >= self.prefetch_bytes:
-            return None
-        for job in self._queue.due(2 * self.max_batch):
-            if job is not None and job.stage is None and not job.gone:
-                return job
-        return None
-
-    def _take(self, jobs: list) -> None:
-        """The worker takes `jobs` to the engine, as they are: encoded or not. It never waits for the encoder,
-        which runs at the intake's lower priority: on a saturated machine a half-encoded request of four large
-        images held the model idle for 0.5 s (bench/serve_hostile.py). Its row, when done, is dropped."""
-        with self._encoding:
-            for j in jobs:
-                j.stage = "taken"
-                self.ahead_bytes -= j.encoded_bytes
-                j.encoded_bytes = 0
-            self._encoding.notify_all()  # room to encode ahead again
 
     def _run(self) -> None:
         while True:
@@ -494,7 +407,6 @@ class Batcher:
 
     def _run_group(self, group: list["_Job"], retry: bool = False) -> None:
         if not retry:
-            self._take(group)
             # Requests whose client left while queued were cancelled: they never reach the model.
             group = [j for j in group if j.future.set_running_or_notify_cancel()]
             for j in group:
@@ -520,7 +432,6 @@ class Batcher:
             j.finish(answer)
 
     def _run_stream(self, job: "_StreamJob") -> None:
-        self._take([job])
         if job.cancelled:
             job.request = None
             return
@@ -557,13 +468,6 @@ class _Job:
     ticket: Ticket | None = None
     tokens: int | None = None
     """Prompt tokens, as counted at admission (None: unknown, batches with anything)."""
-    stage: str | None = None
-    """None (waiting), "encoding" / "encoded" (by the encoder thread, ahead), "taken" (by the worker)."""
-    encoded_bytes: int = 0
-
-    @property
-    def gone(self) -> bool:
-        return self.future.cancelled()
 
     def finish(self, answer=None, error: BaseException | None = None) -> None:
         self.request = None  # the decoded images go with it, as soon as the answer exists
@@ -577,12 +481,6 @@ class _StreamJob:
     push: Any
     ticket: Ticket | None = None
     cancelled: bool = False
-    stage: str | None = None
-    encoded_bytes: int = 0
-
-    @property
-    def gone(self) -> bool:
-        return self.cancelled
 
 
 @dataclass
@@ -663,8 +561,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
                 "image_pixels": [policy.min_pixels, policy.max_pixels] if policy is not None else None,
                 "queued": admission.waiting, "generating": admission.running, "max_queue": cfg.max_queue,
                 "queued_pixels": admission.pixels, "max_queued_pixels": cfg.max_queued_pixels,
-                "saturated": saturated, "in_flight": guard.in_flight, "encoded_ahead_bytes": batcher.ahead_bytes,
-                "generate_calls": calls,
+                "saturated": saturated, "in_flight": guard.in_flight, "generate_calls": calls,
                 "mean_batch": round(batcher.batched_requests / calls, 3) if calls else None}
 
     @app.get("/v1/models")

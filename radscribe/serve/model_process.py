@@ -124,14 +124,6 @@ class ModelProcess:
             self._process.terminate()
             self._process.join(5)
 
-    def encode(self, request: Request) -> dict:
-        """As `Engine.encode`, in this process (it needs only the processor), into shared memory: a request sent
-        with its row reaches the model process as handles to it, not as 50 MB through the pipe."""
-        row = Engine.encode(self, request)
-        for tensor in row.values():
-            tensor.share_memory_()
-        return row
-
     # --- internals -------------------------------------------------------------------------------------------
     def _open(self, kind: str, payload) -> tuple[int, queue.Queue]:
         replies: queue.Queue = queue.Queue()

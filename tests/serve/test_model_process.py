@@ -46,23 +46,6 @@ def test_answers_and_streams_are_the_engines(pair):
     assert remote.prompt_tokens(messages, [(96, 96)]) == local.prompt_tokens(messages, [(96, 96)])
 
 
-def test_requests_encoded_here_answer_there_as_the_engine(pair):
-    # The API's encoder thread encodes waiting requests in the server's process; the rows cross to the model
-    # process as shared memory, not through the pipe.
-    import dataclasses
-
-    from radscribe.serve.engine import image_placeholders
-
-    local, remote = pair
-    requests = [ask("Describe the lesion.", 3), ask("胸部CT平扫所见:"), ask("Describe the lesion.", 4)]
-    rows = [remote.encode(r) for r in requests]
-    assert all(t.is_shared() for row in rows for t in row.values())
-    ahead = [dataclasses.replace(r, encoded=row, messages=image_placeholders(r.messages))
-             for r, row in zip(requests, rows)]
-    assert remote.complete(ahead) == local.complete(requests)
-    assert "".join(remote.stream(ahead[0])) == local.generate([requests[0]])[0]
-
-
 def test_a_cancel_set_here_stops_the_generation_there(real_model_dir):
     # random weights over Qwen's real 151k vocabulary: an answer that would not end by itself before 1000 tokens
     remote = ModelProcess(real_model_dir("qwen3_vl"), device="cpu")
