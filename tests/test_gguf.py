@@ -15,6 +15,7 @@ import io
 import json
 import math
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -626,3 +627,36 @@ def test_llamacpp_server_flags_follow_the_serve_options():
 
     assert server_args(ServeConfig(max_batch=3)) == ("-ngl", "0", "--device", "none", "-np", "3", "--no-slots")
     assert server_args(ServeConfig(device="cuda:1"))[:4] == ("-ngl", "999", "--device", "CUDA1")
+
+
+FAKE_SERVER = '''#!{python}
+import json, os, signal, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+if "--no-repack" not in sys.argv or os.environ.get("ALWAYS_TRAP"):
+    os.kill(os.getpid(), signal.SIGILL)  # as ggml's AMX kernels do on a VM that reports AMX it cannot run
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({{"status": "ok", "media_marker": "<m>"}}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+def test_a_llama_server_killed_by_an_illegal_instruction_is_started_again_without_repacking(tmp_path, monkeypatch,
+                                                                                           capsys):
+    # Seen on this project's machines: the CPU reports AMX, the kernel grants it, and ggml's repacked q8_0/q4_K
+    # kernels (built for this CPU) still trap on the first tile instruction; the plain kernels run.
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_SERVER.format(python=sys.executable))
+    fake.chmod(0o755)
+    monkeypatch.setattr(llamacpp, "llama_server", lambda: fake)
+    with llamacpp.LlamaServer(tmp_path / "model.gguf", timeout_s=30) as server:
+        assert server.cmd[-1] == "--no-repack" and server.media_marker == "<m>"
+    assert "illegal instruction" in capsys.readouterr().err
+    monkeypatch.setenv("ALWAYS_TRAP", "1")  # no second retry: the next trap is the error it is
+    with pytest.raises(RadscribeError, match=r"llama-server exited \(-4\)"):
+        with llamacpp.LlamaServer(tmp_path / "model.gguf", timeout_s=30):
+            pass

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -265,14 +266,20 @@ class LlamaServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}  # only our settings
         if self.api_key:
             env["LLAMA_API_KEY"] = self.api_key
-        self.process = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=env)
-        import threading
-
-        threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
+        self._start(env)
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if self.process.returncode == -signal.SIGILL and "--no-repack" not in self.cmd:
+                    # Seen on a VM whose CPU reports AMX and whose kernel grants it, where the first AMX
+                    # instruction (ggml's repacked q8_0/q4_K kernels, built for this CPU) still traps; llama.cpp
+                    # cannot tell beforehand, so neither can we. Its plain kernels run everywhere.
+                    print("radscribe: llama-server stopped on an illegal instruction in its repacked CPU kernels "
+                          "(AMX this machine reports but cannot run); starting it again with --no-repack",
+                          file=sys.stderr, flush=True)
+                    self.cmd.append("--no-repack")
+                    self._start(env)
+                    continue
                 raise RadscribeError(f"llama-server exited ({self.process.returncode}): "
                                      + " | ".join(line.strip() for line in self.log[-3:]))
             try:
@@ -285,6 +292,15 @@ class LlamaServer:
             time.sleep(0.2)
         self.__exit__()
         raise RadscribeError(f"llama-server did not become healthy in {self.timeout_s:.0f} s")
+
+    def _start(self, env: dict) -> None:
+        import threading
+
+        self.log = []
+        self.process = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env)
+        process, log = self.process, self.log
+        threading.Thread(target=lambda: log.extend(process.stdout), daemon=True).start()
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:
