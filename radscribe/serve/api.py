@@ -328,8 +328,9 @@ INTAKE_NICE = 10
 """How much lower than generation the CPU priority of request intake runs: the pool threads that parse bodies,
 check and decode images and count tokens. On a saturated machine the kernel then gives the model (its own
 process, at the server's priority) and the event loop the cores first, and what attackers make the server parse,
-inflate and refuse waits for them, not the other way round (bench/serve_hostile.py: attacked p99 0.85 -> 0.78 s,
-honest answers under attack +10 %). Linux only: there a thread has a priority of its own."""
+inflate and refuse waits for them, not the other way round (bench/results/serve.md: attacked/quiet p99 from
+3.1-3.7x to 2.8-3.1x in long runs, more honest answers under attack). Linux only: there a thread has a priority
+of its own."""
 
 _intake_thread = threading.local()
 
@@ -502,10 +503,10 @@ def create_app(engine, cfg: ServeConfig | None = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool as _in_pool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     async def run_in_threadpool(fn, *args):  # a request's intake, off the event loop and below the model
         return await _in_pool(at_intake_priority, fn, *args)
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = cfg or ServeConfig()
     check_config(cfg)
