@@ -25,6 +25,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -419,14 +420,16 @@ class Batcher:
         self.batched_requests += len(group)
         started = time.monotonic()
         try:
-            answers = self.engine.complete([j.request for j in group])
+            # Each answer goes out as soon as its row stops (`answered`), not when the group's longest row has.
+            answers = self.engine.complete([dataclasses.replace(j.request, answered=j.finish) for j in group])
         except Exception as err:
             if len(group) == 1:
                 group[0].finish(error=err)
                 return
             # One bad request must not fail its neighbours: retry each alone, so only the culprit gets the error.
             for j in group:
-                self._run_group([j], retry=True)
+                if not j.future.done():
+                    self._run_group([j], retry=True)
             return
         self.mean_batch_s = 0.8 * self.mean_batch_s + 0.2 * (time.monotonic() - started)
         for j, answer in zip(group, answers):

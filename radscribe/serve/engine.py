@@ -9,8 +9,9 @@ eval, chat, the API and the web page all generate through it:
 
 Image entries may hold a PIL image, a path or bytes; the latter two go through `radscribe.data.imaging.load_image`
 (DICOM and NIfTI included), and the processor sizes them under the run's image policy (radscribe.model.pixels).
-Requests with different sampling settings never share a batch; within a batch the longest `max_new_tokens` runs
-and each answer is cut to its own budget.
+Requests with different sampling settings never share a batch; within a batch each row stops at its own
+`max_new_tokens` (or end of turn, or cancel), the batch ends when its last row does, and a request's `answered`
+hook hears its answer at the step its row stops, not when the whole batch has.
 
 Sampling settings a request leaves unset (None) are the model's own `generation_config.json`
 (`sampling_defaults`): the published Qwen3-VL Instruct folders sample with temperature 0.7, top_p 0.8, top_k 20.
@@ -25,7 +26,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from radscribe.errors import RadscribeError
 
@@ -56,6 +57,10 @@ class Request:
     """Sampling seed (torch's range, -2**63 .. 2**64-1); requests sampled in one batch share the batch's stream."""
     cancel: threading.Event | None = None
     """Set it to stop generating this request (its client has gone); the answer is cut where it stopped."""
+    answered: Callable[[Generation], None] | None = None
+    """Called with this request's answer as soon as its row stops, while longer rows of its batch go on (the
+    API answers a 32-token request grouped with a 512-token one after 32 steps, not 512). Runs in the generating
+    thread: it must only hand the answer over. `complete` still returns every answer."""
 
 
 @dataclass
@@ -288,33 +293,76 @@ class Engine:
 
     def _generate_batch(self, requests: list[Request]) -> list[Generation]:
         import torch
+        from transformers import StoppingCriteriaList
 
         longest = max(requests, key=lambda r: r.max_new_tokens)
         inputs = self._encode(requests)
+        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        rows = _Rows(self, requests, inputs["input_ids"].shape[1], prompt_lengths)
         with self._lock, torch.inference_mode():
             _seed(longest)
             output = self.model.generate(**inputs, **self._generation_kwargs(longest),
-                                         stopping_criteria=_cancel_criteria(requests))
-        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
-        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+                                         stopping_criteria=StoppingCriteriaList([rows]))
+        return [rows.finish(index, tokens) for index, tokens in enumerate(output[:, rows.start:].tolist())]
+
+    def _generation(self, request: Request, tokens: list[int], prompt_length: int, cancelled: bool) -> Generation:
+        """The answer in a row's generated `tokens` (padding after its end included)."""
+        tokens = tokens[:request.max_new_tokens]
         stops = set(self.eos_token_ids)
-        answers = []
-        for r, tokens, prompt_length in zip(requests, new_tokens, prompt_lengths):
-            tokens = tokens[:r.max_new_tokens]  # the batch ran to its longest budget
-            if r.cancel is not None and r.cancel.is_set():
-                # Padded from the step that saw the cancel on: cut there (nobody waits for this answer).
-                end = next((i for i, t in enumerate(tokens) if t in stops or t == self.tokenizer.pad_token_id),
-                           len(tokens))
-                answers.append(Generation(text=self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
-                                          prompt_tokens=int(prompt_length), completion_tokens=end,
-                                          finish_reason="cancelled"))
-                continue
-            end = next((i for i, t in enumerate(tokens) if t in stops), None)
-            kept = tokens if end is None else tokens[:end + 1]  # rows that stopped early are padded after it
-            answers.append(Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                                      prompt_tokens=int(prompt_length), completion_tokens=len(kept),
-                                      finish_reason="length" if end is None else "stop"))
-        return answers
+        if cancelled:
+            # Padded from the step that saw the cancel on: cut there (nobody waits for this answer).
+            end = next((i for i, t in enumerate(tokens) if t in stops or t == self.tokenizer.pad_token_id),
+                       len(tokens))
+            return Generation(text=self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
+                              prompt_tokens=int(prompt_length), completion_tokens=end, finish_reason="cancelled")
+        end = next((i for i, t in enumerate(tokens) if t in stops), None)
+        kept = tokens if end is None else tokens[:end + 1]  # rows that stopped early are padded after it
+        return Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                          prompt_tokens=int(prompt_length), completion_tokens=len(kept),
+                          finish_reason="length" if end is None else "stop")
+
+
+class _Rows:
+    """The rows of one batched generate call, watched at every step: a row stops at its own budget, at an
+    end-of-turn token or at a cancel, and its request's `answered` hook hears the answer then. transformers
+    pads a stopped row until the batch's last row stops; without this a row ran on to the longest budget in its
+    batch and its answer waited for the batch (an abandoned 64-token request made its 32-token neighbours wait
+    64 steps: bench/serve_hostile.py)."""
+
+    def __init__(self, engine: Engine, requests: list[Request], start: int, prompt_lengths: list[int]):
+        self.engine, self.requests, self.start, self.prompt_lengths = engine, requests, start, prompt_lengths
+        self.stops = set(engine.eos_token_ids)
+        self.answers: list[Generation | None] = [None] * len(requests)
+        self._criterion = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        steps = input_ids.shape[1] - self.start
+        last = input_ids[:, -1].tolist()
+        done = []
+        for index, r in enumerate(self.requests):
+            cancelled = r.cancel is not None and r.cancel.is_set()
+            stopped = (self.answers[index] is not None or cancelled or steps >= r.max_new_tokens
+                       or last[index] in self.stops)
+            if stopped and self.answers[index] is None:
+                self._answer(index, input_ids[index, self.start:].tolist(), cancelled)
+            done.append(stopped)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def finish(self, index: int, tokens: list[int]) -> Generation:
+        """Row `index`'s answer: the one given when it stopped, else (a row the generate call ended) from `tokens`."""
+        if self.answers[index] is None:
+            r = self.requests[index]
+            self._answer(index, tokens, r.cancel is not None and r.cancel.is_set())
+        return self.answers[index]
+
+    def _answer(self, index: int, tokens: list[int], cancelled: bool) -> None:
+        r = self.requests[index]
+        answer = self.engine._generation(r, tokens, self.prompt_lengths[index], cancelled)
+        self.answers[index] = answer
+        if r.answered is not None:
+            r.answered(answer)
 
 
 def _with_loaded_images(message: dict) -> dict:

@@ -139,9 +139,9 @@ class LlamaCppEngine:
         import concurrent.futures
 
         if len(requests) == 1:
-            return [self._complete(requests[0])]
+            return [self._answered(requests[0])]
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            return list(pool.map(self._complete, requests))
+            return list(pool.map(self._answered, requests))
 
     def stream(self, request) -> Iterator[str]:
         body = dict(self._body(request), stream=True)
@@ -151,6 +151,12 @@ class LlamaCppEngine:
                     yield event["content"]
 
     # --- internals ------------------------------------------------------------------------------------------
+    def _answered(self, request):
+        answer = self._complete(request)
+        if request.answered is not None:  # each slot's answer goes out as it ends, as with --backend hf
+            request.answered(answer)
+        return answer
+
     def _complete(self, request):
         # streamed from llama-server even for a non-streaming answer: a client that goes away (request.cancel)
         # then closes the connection, which stops llama-server generating, as --backend hf stops

@@ -9,10 +9,11 @@ the ones that did. In a child process the model has a GIL of its own; the server
 can be refused (every check, admission, the queue, the decoded images until they are sent).
 
 The protocol is a pipe of pickled tuples. Server -> model: ("complete", job, requests), ("stream", job, request),
-("cancel", job, index or None), ("exit", -1, None). Model -> server: ("done", job, generations), ("delta", job, text), ("end", job,
-None), ("error", job, exception). Requests travel without their `cancel` event (a threading.Event does not cross
-processes): the server watches each request's event while it waits and sends a cancel, and the child sets an event
-of its own, which the Engine's stopping criteria read at every step.
+("cancel", job, index or None), ("exit", -1, None). Model -> server: ("row", job, (index, generation)) as each row
+of a batch stops, ("done", job, generations), ("delta", job, text), ("end", job, None), ("error", job, exception).
+Requests travel without their `cancel` event and `answered` hook (neither crosses processes): the server watches
+each request's event while it waits and sends a cancel, and the child sets an event of its own, which the
+Engine's stopping criteria read at every step; a "row" message calls the request's hook in the server.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class ModelProcess:
                         if index not in cancelled and r.cancel is not None and r.cancel.is_set():
                             cancelled.add(index)
                             self._send(("cancel", job, index))
+                    continue
+                if kind == "row":
+                    index, answer = payload
+                    if requests[index].answered is not None:
+                        requests[index].answered(answer)
                     continue
                 if kind == "error":
                     raise payload
@@ -172,7 +178,7 @@ class ModelProcess:
 
 
 def _portable(request: Request) -> Request:
-    return dataclasses.replace(request, cancel=None)
+    return dataclasses.replace(request, cancel=None, answered=None)
 
 
 def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_size) -> None:
@@ -218,7 +224,8 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
         cancel = events[job]
         try:
             if kind == "complete":
-                answers = engine.complete([dataclasses.replace(r, cancel=c) for r, c in zip(payload, cancel)])
+                answers = engine.complete([dataclasses.replace(r, cancel=c, answered=_row_sender(send, job, i))
+                                           for i, (r, c) in enumerate(zip(payload, cancel))])
                 send(("done", job, answers))
             else:
                 deltas = engine.stream(dataclasses.replace(payload, cancel=cancel[0]))
@@ -235,6 +242,11 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
         finally:
             events.pop(job, None)
             message = payload = None  # the images go with the job
+
+
+def _row_sender(send, job: int, index: int):
+    """The `answered` hook of row `index` of `job`: its answer to the server as soon as the row stops."""
+    return lambda answer: send(("row", job, (index, answer)))
 
 
 def _sendable(err: BaseException) -> BaseException:

@@ -238,6 +238,43 @@ def test_concurrent_requests_are_batched_and_answers_stay_matched():
     assert len(engine.batches) <= 2 and max(engine.batches) >= 4
 
 
+class RowByRowEngine(ScriptedEngine):
+    """Answers the request asking for fewest tokens at once, the others only when released (a batch whose other
+    rows have longer budgets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def complete(self, requests):
+        answers = super().complete(requests)
+        first = min(range(len(requests)), key=lambda i: requests[i].max_new_tokens)
+        requests[first].answered(answers[first])
+        self.release.wait(20)
+        return answers
+
+
+def test_an_answer_goes_out_when_its_row_stops_not_when_its_batch_does():
+    engine = RowByRowEngine()
+    replies = {}
+
+    def client(tokens):
+        body = {"messages": [user(f"request {tokens}")], "max_tokens": tokens}
+        replies[tokens] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+
+    with serve_in_thread(create_app(engine, ServeConfig(max_batch=8, batch_wait_ms=300))) as url:
+        threads = [threading.Thread(target=client, args=(n,)) for n in (4, 400)]
+        for t in threads:
+            t.start()
+        threads[0].join(10)
+        assert engine.batches == [2]  # one group, still generating ...
+        assert replies[4]["choices"][0]["message"]["content"] == "report no-image for request 4"  # ... answered
+        assert 400 not in replies
+        engine.release.set()
+        threads[1].join(10)
+    assert replies[400]["choices"][0]["message"]["content"] == "report no-image for request 400"
+
+
 def test_batching_off_serves_one_request_per_generate_call():
     engine = ScriptedEngine(delay_s=0.01)
     with serve_in_thread(create_app(engine, ServeConfig(max_batch=1))) as url:

@@ -47,6 +47,34 @@ def test_text_only_request_and_per_request_budget(engine):
     assert len(tokens) <= 3 and b.startswith(a)
 
 
+def test_each_row_stops_at_its_own_budget_and_is_answered_then(engine):
+    steps = []  # one entry per forward pass of the model (prefill, then one per generated token)
+    hook = engine.model.register_forward_hook(lambda *_: steps.append(1))
+    heard = {}
+    try:
+        short, long = (Request(r.messages, max_new_tokens=n, answered=lambda g, n=n: heard.setdefault(n, (
+            g, len(steps)))) for r, n in zip(_requests()[:2], (3, 24)))
+        answers = engine.complete([short, long])
+        # the short row's answer was out after its 3rd step, while its neighbour went on to its own budget
+        assert heard[3] == (answers[0], 3) and heard[24] == (answers[1], answers[1].completion_tokens)
+        assert answers[0].completion_tokens == 3 and answers[0].finish_reason == "length"
+        assert answers[0] == engine.complete([Request(short.messages, max_new_tokens=3)])[0]
+
+        # The batch ends when its last row does: a long neighbour cancelled as the short one is answered leaves
+        # nothing to generate, and the call ends after 3 steps, not the long row's 500.
+        import threading
+
+        gone = threading.Event()
+        short = Request(short.messages, max_new_tokens=3, answered=lambda g: gone.set())
+        long = Request(long.messages, max_new_tokens=500, cancel=gone)
+        steps.clear()
+        quick, stopped = engine.complete([short, long])
+        assert len(steps) == 3 and stopped.finish_reason == "cancelled" and stopped.completion_tokens <= 3
+        assert quick == answers[0]
+    finally:
+        hook.remove()
+
+
 def test_stream_concatenates_to_the_greedy_answer(engine):
     request = _requests()[1]
     deltas = list(engine.stream(request))

@@ -62,6 +62,17 @@ def test_a_cancel_set_here_stops_the_generation_there(real_model_dir):
     started = time.monotonic()
     assert remote.complete([ask("q", max_new_tokens=4)])[0].completion_tokens == 4
     assert time.monotonic() - started < 10
+
+    # Each answer crosses the pipe as its row stops: the short row's hook, here, cancels its neighbour, which then
+    # stops there long before its budget (were answers sent only with the whole batch, it would run 1000 tokens).
+    gone = threading.Event()
+    heard = []
+    short = ask("Describe the lesion.", 1, max_new_tokens=2, answered=lambda g: (heard.append(g), gone.set()))
+    long = ask("Describe the lesion.", 2, max_new_tokens=1000, cancel=gone)
+    quick, stopped = remote.complete([short, long])
+    assert heard == [quick] and quick.completion_tokens == 2
+    assert quick.text == remote.complete([ask("Describe the lesion.", 1, max_new_tokens=2)])[0].text
+    assert stopped.finish_reason == "cancelled" and stopped.completion_tokens < 50
     remote.close()
 
 
