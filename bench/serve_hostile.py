@@ -401,16 +401,27 @@ def attack_load(attacks: Attacks, attackers: int, duration: float) -> dict:
     return {"results": dict(results), "slowest": dict(slowest), "leaks": attacks.leaks}
 
 
-def attack_in_process(attacks: Attacks, attackers: int, duration: float):
-    """Run `attack_load` in a forked process (other hosts in reality): the attackers' own Python work (sending
-    15 MB bodies, 24-thread floods) must not hold the GIL of the process that times the honest clients."""
+def attack_worker(attacks: Attacks, attackers: int):
+    """A process of its own for the attackers (other hosts in reality): their own Python work (sending 15 MB
+    bodies, 24-thread floods) must not hold the GIL of the process that times the honest clients. Forked once,
+    before this process starts any thread (a fork taken while the sampler and swapper threads ran hung the child
+    in 2 of 5 runs); each `send(seconds)` on the returned connection runs one round and answers its results."""
+    import faulthandler
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    process = context.Process(target=lambda: results.put(attack_load(attacks, attackers, duration)), daemon=True)
+    here, there = context.Pipe()
+
+    def serve():
+        while (duration := there.recv()) is not None:
+            attacks.leaks = 0  # per round: the parent adds them up
+            faulthandler.dump_traceback_later(duration + 240)  # a round that hangs says where, on stderr
+            there.send(attack_load(attacks, attackers, duration))
+            faulthandler.cancel_dump_traceback_later()
+
+    process = context.Process(target=serve, daemon=True)
     process.start()
-    return process, results
+    return process, here
 
 
 def main() -> None:
@@ -445,6 +456,7 @@ def main() -> None:
             import re
 
             attacks.calls = [(name, call) for name, call in attacks.calls if re.search(args.only, name)]
+        worker, attackers = attack_worker(attacks, args.attackers)  # before any thread of this process
         proc = start_server(model_dir, args.port, 8, 5.0, args.threads, extra=["--allow-folder", str(allowed)])
         stop_swap = threading.Event()
         swapper = threading.Thread(target=swap_forever, args=(allowed, outside, stop_swap), daemon=True)
@@ -460,11 +472,13 @@ def main() -> None:
             alone = bombs_alone(attacks, sampler)
             for round_no in range(args.rounds):
                 q = honest_load(base, args.clients, quiet_s / args.rounds, args.max_tokens, images)
-                process, results = attack_in_process(attacks, args.attackers, args.duration / args.rounds)
+                attackers.send(args.duration / args.rounds)
                 a = honest_load(base, args.clients, args.duration / args.rounds, args.max_tokens, images)
                 # the attackers' last calls may take their client timeout (120 s), the slow ones 40 s more
-                box = results.get(timeout=300)
-                process.join(timeout=30)
+                if not attackers.poll(300):
+                    raise SystemExit("the attackers' process did not report within 300 s (its threads' stacks "
+                                     "are on stderr)")
+                box = attackers.recv()
                 leaks += box["leaks"]
                 for key in ("latencies", "errors"):
                     quiet[key] += q[key]
@@ -478,6 +492,8 @@ def main() -> None:
                 if a["errors"]:
                     print(f"  first honest error under attack: {a['errors'][0]}", flush=True)
         finally:
+            attackers.send(None)
+            worker.join(10)
             sampler.stop()
             stop_swap.set()
             swapper.join()
