@@ -359,16 +359,12 @@ class Batcher:
         self.batched_requests = 0
         self.mean_batch_s = 1.0  # running mean of one generate call's seconds: the Retry-After estimate
         self._queue = FairQueue()
-        # Engines that encode ahead (the model process) have both; the others encode with the batch.
-        self._prepare, self._forget = getattr(engine, "prepare", None), getattr(engine, "forget", None)
         self._worker = threading.Thread(target=self._run, name="radscribe-batcher", daemon=True)
         self._worker.start()
 
     def submit(self, request, ticket: Ticket | None = None, tokens: int | None = None) -> "_Job":
         """Queue a non-streaming request (`tokens`: its prompt tokens, if known); `job.future` resolves to the
         engine's `Generation`."""
-        if self._prepare is not None:
-            request = self._prepare(request)  # the model process may encode it while it waits (model_process.py)
         job = _Job(request, concurrent.futures.Future(), ticket, tokens)
         self._queue.put(job, ticket.client if ticket else "", tokens or 1)
         return job
@@ -414,10 +410,6 @@ class Batcher:
     def _run_group(self, group: list["_Job"], retry: bool = False) -> None:
         if not retry:
             # Requests whose client left while queued were cancelled: they never reach the model.
-            if self._forget is not None:
-                for j in group:
-                    if j.future.cancelled():
-                        self._forget(j.request)
             group = [j for j in group if j.future.set_running_or_notify_cancel()]
             for j in group:
                 if j.ticket is not None:
@@ -604,7 +596,7 @@ def create_app(engine, cfg: ServeConfig | None = None):
                                           params),
                                      media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
         try:
-            job = await run_in_threadpool(batcher.submit, gen, ticket, tokens)  # may send it ahead: pickling
+            job = batcher.submit(gen, ticket, tokens)
             del gen
             answer = await _answer_or_disconnect(request, job)
         except _ClientGone:

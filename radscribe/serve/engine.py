@@ -57,9 +57,6 @@ class Request:
     """Sampling seed (torch's range, -2**63 .. 2**64-1); requests sampled in one batch share the batch's stream."""
     cancel: threading.Event | None = None
     """Set it to stop generating this request (its client has gone); the answer is cut where it stopped."""
-    encoded: dict | None = None
-    """This request's own row of model inputs (`Engine.encode`), made ahead of its batch (the model process
-    encodes waiting requests of large images while the model generates others); None: encoded with its batch."""
     answered: Callable[[Generation], None] | None = None
     """Called with this request's answer as soon as its row stops, while longer rows of its batch go on (the
     API answers a 32-token request grouped with a 512-token one after 32 steps, not 512). Runs in the generating
@@ -239,36 +236,21 @@ class Engine:
         if failure:
             raise failure[0]
 
-    def encode(self, request: Request) -> dict:
-        """`request`'s row of model inputs, unpadded (the processor's tensors: token ids, mask, pixel values, image
-        grids): what `_encode` batches. Needs only the processor, not the model."""
-        return dict(self._process([request], padding=False))
-
     # --- internals -------------------------------------------------------------------------------------------
     def _encode(self, requests: list[Request]):
-        from transformers import BatchFeature
-
-        if all(r.encoded is None for r in requests):
-            inputs = self._process(requests, padding=True)
-        else:
-            rows = [r.encoded if r.encoded is not None else self.encode(r) for r in requests]
-            inputs = BatchFeature(collate(rows, self.tokenizer.pad_token_id))
-        inputs = inputs.to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs
-
-    def _process(self, requests: list[Request], padding: bool):
         conversations = [[_with_loaded_images(m) for m in r.messages] for r in requests]
         # User text is encoded as text: `sanitize_control_tokens` (transformers' own) keeps the special tokens
         # the chat template writes and encodes those typed in messages as plain characters, so
         # "<|im_start|>system" in a prompt cannot open a turn and "<|image_pad|>" cannot claim an image slot.
         # Left padding: every row's last prompt token sits at the same position, so one decoding step appends
         # to all rows; the attention mask (and, in Qwen-VL, the M-RoPE position ids built from it) skips the pads.
-        return self.processor.apply_chat_template(
+        inputs = self.processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True,
-            return_dict=True, return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"} if padding else {})
+            return_dict=True, return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"})
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
 
     def prompt_tokens(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> int:
         """Tokens `messages` will take, without decoding any image: text as `_encode` encodes it, plus each
@@ -381,25 +363,6 @@ class _Rows:
         self.answers[index] = answer
         if r.answered is not None:
             r.answered(answer)
-
-
-def collate(rows: list[dict], pad_token_id: int) -> dict:
-    """Rows of `Engine.encode` -> one batch, as the processor batches them with left padding. Per-token tensors
-    (shape 1 x length, as `input_ids`) are padded on the left, input ids with the pad token and the rest (mask,
-    token types) with 0; everything else (pixel values, image grids: only rows with images have them) is
-    concatenated in row order, as the processor does."""
-    import torch
-
-    longest = max(row["input_ids"].shape[1] for row in rows)
-    batch = {}
-    for key in dict.fromkeys(key for row in rows for key in row):
-        if all(key in row and row[key].shape == row["input_ids"].shape for row in rows):
-            fill = pad_token_id if key == "input_ids" else 0
-            batch[key] = torch.cat([torch.nn.functional.pad(row[key], (longest - row[key].shape[1], 0), value=fill)
-                                    for row in rows])
-        else:
-            batch[key] = torch.cat([row[key] for row in rows if key in row])
-    return batch
 
 
 def _with_loaded_images(message: dict) -> dict:

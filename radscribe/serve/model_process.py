@@ -8,19 +8,12 @@ request need: under bench/serve_hostile.py the requests that never reached the m
 the ones that did. In a child process the model has a GIL of its own; the server's process keeps everything that
 can be refused (every check, admission, the queue, the decoded images until they are sent).
 
-The protocol is a pipe of pickled tuples. Server -> model: ("prepare", key, request), ("forget", key, None),
-("complete", job, requests), ("stream", job, request), ("cancel", job, index or None), ("ahead", job, None), ("exit", -1, None). Model -> server: ("row", job, (index, generation)) as each row
+The protocol is a pipe of pickled tuples. Server -> model: ("complete", job, requests), ("stream", job, request),
+("cancel", job, index or None), ("exit", -1, None). Model -> server: ("row", job, (index, generation)) as each row
 of a batch stops, ("done", job, generations), ("delta", job, text), ("end", job, None), ("error", job, exception).
 Requests travel without their `cancel` event and `answered` hook (neither crosses processes): the server watches
 each request's event while it waits and sends a cancel, and the child sets an event of its own, which the
 Engine's stopping criteria read at every step; a "row" message calls the request's hook in the server.
-
-Encoding ahead: a request of large images (`ENCODE_AHEAD_PIXELS`) is sent with "prepare" as soon as it is queued,
-and the child's encoder thread, below the model's CPU priority and with a processor of its own, turns it into
-model inputs while the model generates for others; its "complete" then finds the row made (`AheadKey`) and the
-model's hold shrinks by the processor's share (a third of a 0.6 s hold for four 4096x4096 uploads,
-bench/serve_hostile.py). A row not ready when its batch runs is encoded there as before: nothing waits for the
-encoder. Small requests are not sent ahead: their processing is a few milliseconds, less than the pickling.
 """
 
 from __future__ import annotations
@@ -34,20 +27,6 @@ from pathlib import Path
 
 from radscribe.errors import RadscribeError
 from radscribe.serve.engine import Engine, Generation, Request
-
-ENCODE_AHEAD_PIXELS = 1024 * 1024
-"""Image pixels (as the API sized them for the processor) from which a queued request is encoded ahead."""
-ENCODE_AHEAD_BYTES = 256 * 1024 * 1024
-"""Most bytes of rows encoded ahead that the model process holds (four requests of four 768x768 images in fp32);
-past it a request is encoded with its batch."""
-
-
-@dataclasses.dataclass(frozen=True)
-class AheadKey:
-    """`Request.encoded` of a request sent ahead: which row the model process may have made for it."""
-
-    key: int
-
 
 class ModelGone(RuntimeError):
     """The model process has exited: the server's fault, not the request's (500, not 400)."""
@@ -91,36 +70,6 @@ class ModelProcess:
         threading.Thread(target=self._read, name="radscribe-model-reader", daemon=True).start()
 
     # --- what the API calls ----------------------------------------------------------------------------------
-    def prepare(self, request: Request) -> Request:
-        """`request` as the Batcher should queue it: a request of large images is sent to the model process now,
-        to be encoded while it waits, and comes back marked with its key; any other comes back as it is."""
-        pixels = sum(part["image"].width * part["image"].height for m in request.messages
-                     if isinstance(m.get("content"), list) for part in m["content"]
-                     if part.get("type") == "image" and hasattr(part.get("image"), "width"))
-        if pixels < ENCODE_AHEAD_PIXELS:
-            return request
-        with self._lock:
-            key = next(self._ids)
-        self._send(("prepare", key, _portable(request)))
-        return dataclasses.replace(request, encoded=AheadKey(key))
-
-    def ahead(self) -> tuple[int, int, int]:
-        """(rows, bytes) the model process holds encoded ahead now, and how many rows made ahead batches have
-        used so far."""
-        job, replies = self._open("ahead", None)
-        try:
-            kind, payload = replies.get(timeout=30)
-        finally:
-            self._close(job)
-        if kind == "error":
-            raise payload
-        return payload
-
-    def forget(self, request: Request) -> None:
-        """`request` will not run (its client left while it was queued): drop what was encoded for it."""
-        if isinstance(request.encoded, AheadKey):
-            self._send(("forget", request.encoded.key, None))
-
     def complete(self, requests: list[Request], batch_size: int | None = None,
                  progress: bool = False) -> list[Generation]:
         """As `Engine.complete`, generated in the model process; a request whose `cancel` is set is stopped there."""
@@ -242,7 +191,6 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
         conn.send(("failed", _sendable(err)))
         return
     conn.send(("ready", engine.processor, engine.defaults, engine.image_policy))
-    ahead = _Ahead(engine)
     jobs: queue.Queue = queue.Queue()
     events: dict[int, list[threading.Event]] = {}
     send_lock = threading.Lock()
@@ -261,13 +209,6 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
             if kind == "exit":
                 jobs.put(None)
                 return
-            if kind in ("prepare", "forget"):
-                ahead.take(kind, job, payload)
-                continue
-            if kind == "ahead":
-                with ahead.lock:
-                    send(("done", job, (len(ahead.rows), ahead.bytes, ahead.used)))
-                continue
             if kind == "cancel":
                 for index, event in enumerate(events.get(job, ())):
                     if payload is None or payload == index:
@@ -283,12 +224,11 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
         cancel = events[job]
         try:
             if kind == "complete":
-                answers = engine.complete([dataclasses.replace(r, cancel=c, answered=_row_sender(send, job, i),
-                                                               encoded=ahead.row(r.encoded))
+                answers = engine.complete([dataclasses.replace(r, cancel=c, answered=_row_sender(send, job, i))
                                            for i, (r, c) in enumerate(zip(payload, cancel))])
                 send(("done", job, answers))
             else:
-                deltas = engine.stream(dataclasses.replace(payload, cancel=cancel[0], encoded=ahead.row(payload.encoded)))
+                deltas = engine.stream(dataclasses.replace(payload, cancel=cancel[0]))
                 try:
                     for delta in deltas:
                         if cancel[0].is_set():
@@ -302,76 +242,6 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
         finally:
             events.pop(job, None)
             message = payload = None  # the images go with the job
-
-
-class _Ahead:
-    """The child's encoder thread and the rows it has made, by key. A row is kept only while its request is
-    wanted (not yet run, not forgotten) and while the rows held stay within ENCODE_AHEAD_BYTES."""
-
-    def __init__(self, engine: Engine):
-        import copy
-
-        # A processor of its own: a fast tokenizer's padding settings are state, and the model's thread pads
-        # its batches with the engine's processor meanwhile ("Already borrowed" if they shared one).
-        self.engine = copy.copy(engine)
-        self.engine.processor = copy.deepcopy(engine.processor)
-        self.engine.tokenizer = self.engine.processor.tokenizer
-        self.waiting: queue.Queue = queue.Queue()
-        self.wanted: set[int] = set()
-        self.rows: dict[int, dict] = {}
-        self.bytes = 0
-        self.used = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._run, name="radscribe-encode-ahead", daemon=True).start()
-
-    def take(self, kind: str, key: int, request: Request | None) -> None:
-        with self.lock:
-            if kind == "prepare":
-                self.wanted.add(key)
-                self.waiting.put((key, request))
-            else:
-                self._drop(key)
-
-    def row(self, encoded):
-        """The row made for an `AheadKey` (now given up by the encoder), or None: encode it with its batch."""
-        if not isinstance(encoded, AheadKey):
-            return encoded
-        with self.lock:
-            row = self.rows.get(encoded.key)
-            self._drop(encoded.key)
-            self.used += row is not None
-        return row
-
-    def _drop(self, key: int) -> None:
-        self.wanted.discard(key)
-        row = self.rows.pop(key, None)
-        if row is not None:
-            self.bytes -= _nbytes(row)
-
-    def _run(self) -> None:
-        from radscribe.serve.api import at_intake_priority
-
-        at_intake_priority(lambda: None)  # this thread, for good, below the model's
-        while True:
-            key, request = self.waiting.get()
-            with self.lock:
-                if key not in self.wanted:
-                    continue
-            try:
-                row = self.engine.encode(request)
-            except Exception:  # noqa: BLE001 - encoded again with its batch, which reports the error
-                continue
-            finally:
-                request = None
-            with self.lock:
-                if key in self.wanted and self.bytes + _nbytes(row) <= ENCODE_AHEAD_BYTES:
-                    self.rows[key] = row
-                    self.bytes += _nbytes(row)
-            row = None
-
-
-def _nbytes(row: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in row.values())
 
 
 def _row_sender(send, job: int, index: int):

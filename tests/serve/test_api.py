@@ -4,7 +4,6 @@ A scripted engine stands in for the model where the point is the HTTP layer (ref
 the official `openai` client runs against the tiny Qwen3-VL model through the real engine.
 """
 
-import dataclasses
 import io
 import json
 import threading
@@ -274,47 +273,6 @@ def test_an_answer_goes_out_when_its_row_stops_not_when_its_batch_does():
         engine.release.set()
         threads[1].join(10)
     assert replies[400]["choices"][0]["message"]["content"] == "report no-image for request 400"
-
-
-class AheadEngine(ScriptedEngine):
-    """Encodes ahead as the model process does (`prepare` marks the request, `forget` drops its row); the first
-    generate call waits until released."""
-
-    def __init__(self):
-        super().__init__()
-        self.release = threading.Event()
-        self.seen, self.forgotten = [], []
-
-    def prepare(self, request):
-        return dataclasses.replace(request, encoded=f"row of {request.messages[0]['content'][0]['text']}")
-
-    def forget(self, request):
-        self.forgotten.append(request.encoded)
-
-    def complete(self, requests):
-        self.seen.extend(r.encoded for r in requests)
-        self.release.wait(20)
-        return super().complete(requests)
-
-
-def test_the_batcher_sends_requests_ahead_and_forgets_those_whose_client_left():
-    from radscribe.serve.api import Batcher
-    from radscribe.serve.engine import Request
-
-    engine = AheadEngine()
-    batcher = Batcher(engine, max_batch=1, wait_ms=0)
-    ask = lambda text: Request(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}])  # noqa: E731
-    first = batcher.submit(ask("first"))
-    deadline = time.monotonic() + 10
-    while engine.seen != ["row of first"] and time.monotonic() < deadline:  # generating, with its row made ahead
-        time.sleep(0.01)
-    left = batcher.submit(ask("left"))
-    kept = batcher.submit(ask("kept"))
-    left.future.cancel()  # its client went away while it was queued
-    engine.release.set()
-    assert kept.future.result(10).text == "report no-image for kept" and first.future.result(10)
-    assert engine.seen == ["row of first", "row of kept"] and engine.forgotten == ["row of left"]
-    batcher.close()
 
 
 def test_batching_off_serves_one_request_per_generate_call():

@@ -119,43 +119,6 @@ def test_left_padding_is_exact_for_the_other_architectures(tiny_model_dir, arch)
     assert engine.generate(requests, batch_size=3) == [engine.generate([r])[0] for r in requests]
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
-def test_rows_encoded_one_by_one_collate_to_the_processors_own_left_padded_batch(tiny_model_dir, arch):
-    # The model process encodes large requests on their own, ahead of their batch (model_process.py); the
-    # reference is the processor batching the same conversations itself, with left padding.
-    from radscribe.serve.engine import _with_loaded_images, collate
-
-    engine = Engine.from_pretrained(tiny_model_dir(arch), dtype="fp32", device="cpu")
-    two_images = Request(messages=[{"role": "user", "content": [
-        {"type": "image", "image": _image(8, 64)}, {"type": "image", "image": _image(9, 96)},
-        {"type": "text", "text": "对比两张图像。"}]}])
-    text_only = Request(messages=[{"role": "user", "content": "没有图像的问题,比其他的长一些,长一些,再长一些。"}])
-    requests = [two_images, *_requests()[:2], text_only]
-    reference = engine.processor.apply_chat_template(
-        [[_with_loaded_images(m) for m in r.messages] for r in requests], add_generation_prompt=True,
-        tokenize=True, sanitize_control_tokens=True, return_dict=True, return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"})
-    batch = collate([engine.encode(r) for r in requests], engine.tokenizer.pad_token_id)
-    assert sorted(batch) == sorted(reference) and "pixel_values" in batch
-    assert len(set(reference["attention_mask"].sum(dim=1).tolist())) == 4  # four lengths: real left pads
-    for key in reference:
-        assert torch.equal(batch[key], reference[key]), key
-
-
-def test_requests_encoded_ahead_answer_as_those_encoded_with_their_batch(engine):
-    import dataclasses
-
-    from radscribe.serve.engine import image_placeholders
-
-    requests = _requests(max_new_tokens=8)
-    # the images left behind: what generates is the row made ahead, not the messages
-    ahead = [dataclasses.replace(r, encoded=engine.encode(r), messages=image_placeholders(r.messages))
-             for r in requests]
-    mixed = [ahead[0], requests[1], ahead[2], requests[3]]  # a batch may hold both kinds
-    assert engine.complete(mixed) == engine.complete(requests)
-    assert "".join(engine.stream(ahead[1])) == engine.generate([requests[1]])[0]
-
-
 def test_complete_reports_token_counts_and_why_each_answer_ended(engine):
     requests = _requests(max_new_tokens=6)
     batched = engine.complete(requests, batch_size=4)

@@ -1,7 +1,6 @@
 """radscribe serve's model in a process of its own (radscribe/serve/model_process.py): the same answers as the
 Engine in this process, streams, cancellation across the pipe, errors, and a clean exit."""
 
-import dataclasses
 import threading
 import time
 
@@ -45,38 +44,6 @@ def test_answers_and_streams_are_the_engines(pair):
     assert remote.defaults == local.defaults and remote.image_policy == local.image_policy
     messages = [{"role": "user", "content": [{"type": "image", "image": None}, {"type": "text", "text": "q"}]}]
     assert remote.prompt_tokens(messages, [(96, 96)]) == local.prompt_tokens(messages, [(96, 96)])
-
-
-def rows_held(remote, expected, wait_s=30.0) -> int:
-    """The rows the model process holds encoded ahead, once they are `expected` (or after `wait_s`)."""
-    deadline = time.monotonic() + wait_s
-    while (rows := remote.ahead()[0]) != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return rows
-
-
-def test_large_requests_are_encoded_there_while_they_wait_and_answer_as_the_engine(pair):
-    from radscribe.serve import model_process
-
-    local, remote = pair
-    big = Image.fromarray((np.random.RandomState(5).rand(1024, 1024, 3) * 255).astype("uint8"))
-    large = Request(messages=[{"role": "user", "content": [{"type": "image", "image": big},
-                                                           {"type": "text", "text": "Describe the lesion."}]}],
-                    max_new_tokens=6, temperature=0.0)
-    small = ask("Describe the lesion.", 1)
-    assert remote.prepare(small) is small  # a small one is encoded with its batch: nothing to gain
-    sent = remote.prepare(large)
-    assert isinstance(sent.encoded, model_process.AheadKey)
-    assert rows_held(remote, 1) == 1  # the child made its row while nothing asked for it yet
-    assert remote.complete([sent]) == local.complete([large])
-    assert remote.ahead() == (0, 0, 1)  # the batch used the row made ahead, and it went with its request
-    # a request whose client left while queued: its row is dropped; one never made is encoded with its batch
-    gone = remote.prepare(large)
-    assert rows_held(remote, 1) == 1
-    remote.forget(gone)
-    assert rows_held(remote, 0) == 0 and remote.ahead() == (0, 0, 1)
-    again = dataclasses.replace(large, encoded=model_process.AheadKey(10**9))
-    assert remote.complete([again]) == local.complete([large]) and remote.ahead() == (0, 0, 1)
 
 
 def test_a_cancel_set_here_stops_the_generation_there(real_model_dir):
