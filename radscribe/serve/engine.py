@@ -333,7 +333,6 @@ class _Rows:
         self.engine, self.requests, self.start, self.prompt_lengths = engine, requests, start, prompt_lengths
         self.stops = set(engine.eos_token_ids)
         self.answers: list[Generation | None] = [None] * len(requests)
-        self._criterion = None
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
