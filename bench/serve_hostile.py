@@ -432,6 +432,7 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=None, help="quiet seconds, all rounds (default: --duration)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
@@ -457,7 +458,7 @@ def main() -> None:
 
             attacks.calls = [(name, call) for name, call in attacks.calls if re.search(args.only, name)]
         worker, attackers = attack_worker(attacks, args.attackers)  # before any thread of this process
-        proc = start_server(model_dir, args.port, 8, 5.0, args.threads, extra=["--allow-folder", str(allowed)])
+        proc = start_server(model_dir, args.port, args.max_batch, 5.0, args.threads, extra=["--allow-folder", str(allowed)])
         stop_swap = threading.Event()
         swapper = threading.Thread(target=swap_forever, args=(allowed, outside, stop_swap), daemon=True)
         swapper.start()
