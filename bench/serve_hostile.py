@@ -458,7 +458,8 @@ def main() -> None:
 
             attacks.calls = [(name, call) for name, call in attacks.calls if re.search(args.only, name)]
         worker, attackers = attack_worker(attacks, args.attackers)  # before any thread of this process
-        proc = start_server(model_dir, args.port, args.max_batch, 5.0, args.threads, extra=["--allow-folder", str(allowed)])
+        proc = start_server(model_dir, args.port, args.max_batch, 5.0, args.threads,
+                            extra=["--allow-folder", str(allowed)])
         stop_swap = threading.Event()
         swapper = threading.Thread(target=swap_forever, args=(allowed, outside, stop_swap), daemon=True)
         swapper.start()
