@@ -11,11 +11,12 @@ the one image loader, `radscribe.data.imaging.load_image` (DICOM is windowed ser
 model's processor. Non-streaming requests go through a `Batcher`: one worker thread takes the waiting request
 that is due (`FairQueue`: weighted fair queuing by prompt tokens per client address), gathers whatever else of a
 similar prompt length arrives within `batch_wait_ms` (up to `max_batch`), and calls `engine.complete` once for
-the group. Everything a request costs before the model runs at a lower CPU priority than generation
-(`INTAKE_NICE`). Streaming
-requests run on the same worker, one at a time, so the model is never driven by two threads at once. A client
-that goes away cancels its request, queued or generating. Every refusal is an OpenAI-shaped JSON error with a
-4xx status; the server keeps serving after it. docs/serving.md lists every limit and its default.
+the group; a group of long prompts (four large images) goes a slice at a time (`engine.complete_steps`), with a
+group of short requests run between two slices. Everything a request costs before the model runs at a lower CPU
+priority than generation (`INTAKE_NICE`). Streaming requests run on the same worker, one at a time, so the
+model is never driven by two threads at once. A client that goes away cancels its request, queued or
+generating. Every refusal is an OpenAI-shaped JSON error with a 4xx status; the server keeps serving after it.
+docs/serving.md lists every limit and its default.
 """
 
 from __future__ import annotations
@@ -349,7 +350,8 @@ def at_intake_priority(fn, *args):
 
 class Batcher:
     """One worker thread between the API and the engine: groups plain requests of similar prompt length, runs
-    streams one at a time. Waiting requests are taken fairly across client addresses (`FairQueue`)."""
+    streams one at a time, and a group of long prompts (SLICED_TOKENS) a slice at a time with one group of short
+    ones between two slices. Waiting requests are taken fairly across client addresses (`FairQueue`)."""
 
     def __init__(self, engine, max_batch: int = 8, wait_ms: float = 5.0):
         self.engine = engine
@@ -384,56 +386,90 @@ class Batcher:
         self._worker.join(timeout=5)
 
     def _run(self) -> None:
+        sliced = None  # a group of long prompts under way a slice at a time (_Sliced), if any
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
+            if sliced is None:
+                job = self._queue.get()
+                if job is None:
+                    return
+            else:
+                # Between two slices of a long group, one group of short requests runs whole: a short request
+                # waits for a slice, not for the long group's whole length, and the long group still moves on.
+                try:
+                    job = self._queue.get(timeout=0, accept=lambda other: other is not None and not _long(other))
+                except queue.Empty:
+                    job = None
             if isinstance(job, _StreamJob):
                 self._run_stream(job)
-                job = None  # drop the reference now: the request holds decoded images
-                continue
-            group = [job]
-            deadline = time.monotonic() + self.wait_s
-            while len(group) < self.max_batch:
-                try:
-                    # Requests that queued while the last group ran are taken at once; then wait out the window.
-                    # Only plain requests of a similar prompt length join: left padding makes every row of a
-                    # batch as long as its longest prompt, so a 2,000-token upload would cost its neighbours 10x.
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()),
-                                          accept=lambda other: isinstance(other, _Job) and _similar(job, other))
-                except queue.Empty:
-                    break
-                group.append(nxt)
-            self._run_group(group)
-            job = group = nxt = None  # nothing of a finished group outlives it while the worker waits
+            elif job is not None:
+                group = self._gathered(job)
+                # Engines that schedule their own work (llama.cpp's) have no complete_steps: whole, as before.
+                if sliced is None and _long(job) and hasattr(self.engine, "complete_steps"):
+                    sliced = self._sliced(group)
+                else:
+                    self._run_group(group)
+                group = None
+            if sliced is not None and not sliced.step():
+                sliced = None
+            job = None  # nothing of a finished group outlives it while the worker waits (its images)
+
+    def _gathered(self, job: "_Job") -> list["_Job"]:
+        """`job` and the plain requests of a similar prompt length that join it: those that queued while the last
+        group ran are taken at once, then the batching window is waited out. Left padding makes every row of a
+        batch as long as its longest prompt, so a 2,000-token upload would cost its neighbours 10x."""
+        group = [job]
+        deadline = time.monotonic() + self.wait_s
+        while len(group) < self.max_batch:
+            try:
+                group.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic()),
+                                             accept=lambda other: isinstance(other, _Job) and _similar(job, other)))
+            except queue.Empty:
+                break
+        return group
+
+    def _started(self, group: list["_Job"]) -> list["_Job"]:
+        """The group less the requests whose client left while they queued (cancelled: they never reach the
+        model), the others' tickets started."""
+        group = [j for j in group if j.future.set_running_or_notify_cancel()]
+        for j in group:
+            if j.ticket is not None:
+                j.ticket.start()
+        self.generate_calls += bool(group)
+        self.batched_requests += len(group)
+        return group
 
     def _run_group(self, group: list["_Job"], retry: bool = False) -> None:
         if not retry:
-            # Requests whose client left while queued were cancelled: they never reach the model.
-            group = [j for j in group if j.future.set_running_or_notify_cancel()]
-            for j in group:
-                if j.ticket is not None:
-                    j.ticket.start()
+            group = self._started(group)
         if not group:
             return
-        self.generate_calls += 1
-        self.batched_requests += len(group)
         started = time.monotonic()
         try:
             # Each answer goes out as soon as its row stops (`answered`), not when the group's longest row has.
-            answers = self.engine.complete([dataclasses.replace(j.request, answered=j.finish) for j in group])
+            answers = self.engine.complete(_answerable(group))
         except Exception as err:
-            if len(group) == 1:
-                group[0].finish(error=err)
-                return
-            # One bad request must not fail its neighbours: retry each alone, so only the culprit gets the error.
-            for j in group:
-                if not j.future.done():
-                    self._run_group([j], retry=True)
+            self._failed(group, err)
             return
-        self.mean_batch_s = 0.8 * self.mean_batch_s + 0.2 * (time.monotonic() - started)
+        self._finished(group, answers, started)
+
+    def _sliced(self, group: list["_Job"]) -> "_Sliced":
+        group = self._started(group)
+        return _Sliced(self, group, self.engine.complete_steps(_answerable(group)) if group else iter(()))
+
+    def _finished(self, group: list["_Job"], answers: list, started: float | None = None) -> None:
+        if started is not None:  # a sliced group's time has other groups in it: not an estimate of one call
+            self.mean_batch_s = 0.8 * self.mean_batch_s + 0.2 * (time.monotonic() - started)
         for j, answer in zip(group, answers):
             j.finish(answer)
+
+    def _failed(self, group: list["_Job"], err: Exception) -> None:
+        if len(group) == 1:
+            group[0].finish(error=err)
+            return
+        # One bad request must not fail its neighbours: retry each alone, so only the culprit gets the error.
+        for j in group:
+            if not j.future.done():
+                self._run_group([j], retry=True)
 
     def _run_stream(self, job: "_StreamJob") -> None:
         if job.cancelled:
@@ -456,6 +492,40 @@ class Batcher:
             if hasattr(deltas, "close"):
                 deltas.close()  # the engine stops generating when its iterator is closed
             job.request = None
+
+
+SLICED_TOKENS = 1024
+"""Prompts of at least this many tokens (images included) are generated a slice at a time
+(`Engine.complete_steps`), with groups of shorter ones run between the slices (`Batcher`)."""
+
+
+def _long(job) -> bool:
+    return isinstance(job, _Job) and job.tokens is not None and job.tokens >= SLICED_TOKENS
+
+
+def _answerable(group: list["_Job"]) -> list:
+    """The group's requests, each answering its job as soon as its row stops."""
+    return [dataclasses.replace(j.request, answered=j.finish) for j in group]
+
+
+class _Sliced:
+    """A group under way a slice at a time: `step()` runs the next slice, and answers the group (False) once the
+    last one is done."""
+
+    def __init__(self, batcher: Batcher, group: list["_Job"], steps):
+        self.batcher, self.group, self.steps = batcher, group, steps
+
+    def step(self) -> bool:
+        try:
+            next(self.steps)
+            return True
+        except StopIteration as done:
+            if self.group:
+                self.batcher._finished(self.group, done.value)
+        except Exception as err:  # noqa: BLE001 - answered to the requests, as an unsliced group's failure is
+            self.batcher._failed(self.group, err)
+        self.group = self.steps = None
+        return False
 
 
 def _similar(a: "_Job", b: "_Job") -> bool:

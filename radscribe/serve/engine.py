@@ -9,9 +9,10 @@ eval, chat, the API and the web page all generate through it:
 
 Image entries may hold a PIL image, a path or bytes; the latter two go through `radscribe.data.imaging.load_image`
 (DICOM and NIfTI included), and the processor sizes them under the run's image policy (radscribe.model.pixels).
-Requests with different sampling settings never share a batch; within a batch each row stops at its own
-`max_new_tokens` (or end of turn, or cancel), the batch ends when its last row does, and a request's `answered`
-hook hears its answer at the step its row stops, not when the whole batch has.
+`complete_steps` does the work of `complete` a slice at a time (radscribe.serve.api.Batcher runs other requests
+between the slices of a long one). Requests with different sampling settings never share a batch; within a batch
+each row stops at its own `max_new_tokens` (or end of turn, or cancel), the batch ends when its last row does, and
+a request's `answered` hook hears its answer at the step its row stops, not when the whole batch has.
 
 Sampling settings a request leaves unset (None) are the model's own `generation_config.json`
 (`sampling_defaults`): the published Qwen3-VL Instruct folders sample with temperature 0.7, top_p 0.8, top_k 20.
@@ -21,6 +22,7 @@ request alike. Eval asks for greedy decoding explicitly (temperature 0).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import threading
@@ -35,6 +37,11 @@ MIN_TEMPERATURE = 0.01
 to the same value); 0 means greedy decoding."""
 SEED_RANGE = (-2**63, 2**64)
 """Seeds torch.manual_seed accepts (a signed or unsigned 64-bit integer)."""
+VISION_SLICE_PATCHES = 4096
+"""Most image patches `Engine.complete_steps` runs through the vision tower in one slice (one image more if a
+single image is larger): 4096 patches of 16x16 pixels are a 1024x1024 image. A 768x768 one (the tiny test model's
+largest) takes 0.08 s on one core, processor and vision tower. Images batched from several requests are cut the
+same way."""
 
 
 @dataclass
@@ -183,6 +190,23 @@ class Engine:
     def complete(self, requests: list[Request], batch_size: int | None = None,
                  progress: bool = False) -> list[Generation]:
         """As `generate`, with token counts and the finish reason of every answer."""
+        steps = self._complete_steps(requests, batch_size, progress, slices=False)
+        try:
+            next(steps)  # unsliced: the first step is the whole work
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("an unsliced completion yielded")
+
+    def complete_steps(self, requests: list[Request], batch_size: int | None = None):
+        """`complete` a slice of work at a time: a generator that yields after each slice (each run of images
+        processed and through the vision tower; then the prompts' text and the generation) and returns the answers,
+        so that the caller can run other work between slices. Why: a request of four 4096x4096 uploads held the
+        model 0.4 s on an idle 2-core machine, 0.6-1.1 s under bench/serve_hostile.py, and every request behind it
+        waited as long (radscribe.serve.api.Batcher now runs short requests between its slices). A batch whose rows
+        are all cancelled between slices is not generated."""
+        return self._complete_steps(requests, batch_size, progress=False, slices=True)
+
+    def _complete_steps(self, requests: list[Request], batch_size: int | None, progress: bool, slices: bool):
         from tqdm import tqdm
 
         batch_size = batch_size or self.batch_size
@@ -197,7 +221,8 @@ class Engine:
         for indices in groups.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                for index, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
+                generations = yield from self._batch_steps([requests[i] for i in chunk], slices)
+                for index, answer in zip(chunk, generations):
                     answers[index] = answer
                 bar.update(len(chunk))
         bar.close()
@@ -237,14 +262,22 @@ class Engine:
             raise failure[0]
 
     # --- internals -------------------------------------------------------------------------------------------
-    def _encode(self, requests: list[Request]):
-        conversations = [[_with_loaded_images(m) for m in r.messages] for r in requests]
+    def _encode(self, requests: list[Request], conversations: list | None = None, image_grids=None):
+        """The batch's model inputs. With `image_grids` (the images' `image_grid_thw`, their features computed
+        already: `_image_features`) only the text is encoded, by the processor's own text path, and no image is
+        processed again."""
+        if conversations is None:
+            conversations = _conversations(requests)
+        processor = self.processor
+        if image_grids is not None:
+            processor = copy.copy(processor)  # the engine's own processor stays as it is
+            processor.image_processor = _Processed(self.processor.image_processor, image_grids)
         # User text is encoded as text: `sanitize_control_tokens` (transformers' own) keeps the special tokens
         # the chat template writes and encodes those typed in messages as plain characters, so
         # "<|im_start|>system" in a prompt cannot open a turn and "<|image_pad|>" cannot claim an image slot.
         # Left padding: every row's last prompt token sits at the same position, so one decoding step appends
         # to all rows; the attention mask (and, in Qwen-VL, the M-RoPE position ids built from it) skips the pads.
-        inputs = self.processor.apply_chat_template(
+        inputs = processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True,
             return_dict=True, return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"})
         inputs = inputs.to(self.model.device)
@@ -291,19 +324,58 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _generate_batch(self, requests: list[Request]) -> list[Generation]:
+    def _batch_steps(self, requests: list[Request], slices: bool):
+        """One batch's generation (a generator returning its answers); with `slices`, its images are processed
+        and run through the vision tower a run at a time, with a yield after each (`_image_features`)."""
         import torch
         from transformers import StoppingCriteriaList
 
         longest = max(requests, key=lambda r: r.max_new_tokens)
-        inputs = self._encode(requests)
+        if slices:
+            conversations = _conversations(requests)
+            images = [part["image"] for conversation in conversations for m in conversation
+                      if isinstance(m.get("content"), list) for part in m["content"] if part.get("type") == "image"]
+            features, grids = (yield from self._image_features(images)) if images else (None, None)
+            inputs = self._encode(requests, conversations, grids)
+            if features is not None:
+                inputs["mm_encoder_outputs"] = {"image": features}
+        else:
+            inputs = self._encode(requests)
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         rows = _Rows(self, requests, inputs["input_ids"].shape[1], prompt_lengths)
+        if all(r.cancel is not None and r.cancel.is_set() for r in requests):
+            return [rows.finish(index, []) for index in range(len(requests))]  # nobody waits: no prefill
         with self._lock, torch.inference_mode():
             _seed(longest)
             output = self.model.generate(**inputs, **self._generation_kwargs(longest),
                                          stopping_criteria=StoppingCriteriaList([rows]))
         return [rows.finish(index, tokens) for index, tokens in enumerate(output[:, rows.start:].tolist())]
+
+    def _image_features(self, images: list):
+        """The vision-tower outputs of `images` (PIL, in prompt order) as one `mm_encoder_outputs["image"]`,
+        which transformers' generate takes in place of `pixel_values`, and their `image_grid_thw`: processed and
+        encoded a run of images at a time, yielding after each run. A run holds whole images, up to
+        VISION_SLICE_PATCHES patches (at least one image); each image is processed alone and attends only to
+        itself, so its features are the same whichever run computes it, and no buffer of all the images'
+        pixels is ever built (in the server's model process the processor's fresh 56 MB one for four 768x768 images
+        took 0.2-0.4 s more than processing them did)."""
+        import torch
+
+        image_processor = self.processor.image_processor
+        patches = [image_processor.get_number_of_image_patches(im.height, im.width, {}) for im in images]
+        outputs, grids, first = [], [], 0
+        while first < len(images):
+            end = first + 1
+            while end < len(images) and sum(patches[first:end + 1]) <= VISION_SLICE_PATCHES:
+                end += 1
+            run = image_processor(images=images[first:end], return_tensors="pt").to(self.model.device)
+            with self._lock, torch.inference_mode():
+                outputs.append(self.model.get_image_features(run["pixel_values"].to(self.model.dtype),
+                                                             run["image_grid_thw"], return_dict=True))
+            grids.append(run["image_grid_thw"])
+            first, run = end, None
+            yield
+        return _joined(outputs), torch.cat(grids)
 
     def _generation(self, request: Request, tokens: list[int], prompt_length: int, cancelled: bool) -> Generation:
         """The answer in a row's generated `tokens` (padding after its end included)."""
@@ -362,6 +434,43 @@ class _Rows:
         self.answers[index] = answer
         if r.answered is not None:
             r.answered(answer)
+
+
+def _joined(outputs: list):
+    """The vision-tower outputs of several runs of images as one, as one call over all the images returns it:
+    per-image splits (tuples, as `get_image_features` splits its pooled output, and lists of them per layer, as
+    Qwen3-VL's deepstack features) are chained, per-patch tensors concatenated."""
+    import torch
+
+    def join(values):
+        if isinstance(values[0], tuple):
+            return tuple(part for value in values for part in value)
+        if isinstance(values[0], list):
+            return [join(list(layer)) for layer in zip(*values)]
+        return torch.cat(values, dim=0)
+
+    return type(outputs[0])(**{key: join([o[key] for o in outputs]) for key in outputs[0].keys()})
+
+
+class _Processed:
+    """An image processor that answers with the image inputs of images processed already (their grids, which
+    the processor's text path reads to place each image's tokens), so that a processor holding it encodes the
+    text alone. Everything else is the processor's own (`fetch_images`, the sizes, ...)."""
+
+    def __init__(self, image_processor, image_grids):
+        self.image_processor, self.image_grids = image_processor, image_grids
+
+    def __getattr__(self, name):
+        return getattr(self.image_processor, name)
+
+    def __call__(self, images=None, **kwargs):
+        from transformers import BatchFeature
+
+        return BatchFeature({"image_grid_thw": self.image_grids})
+
+
+def _conversations(requests: list[Request]) -> list:
+    return [[_with_loaded_images(m) for m in r.messages] for r in requests]
 
 
 def _with_loaded_images(message: dict) -> dict:

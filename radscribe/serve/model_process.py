@@ -9,8 +9,10 @@ the ones that did. In a child process the model has a GIL of its own; the server
 can be refused (every check, admission, the queue, the decoded images until they are sent).
 
 The protocol is a pipe of pickled tuples. Server -> model: ("complete", job, requests), ("stream", job, request),
+("steps", job, requests) then ("step", job, None) for each next slice or ("drop", job, None) to give it up,
 ("cancel", job, index or None), ("exit", -1, None). Model -> server: ("row", job, (index, generation)) as each row
-of a batch stops, ("done", job, generations), ("delta", job, text), ("end", job, None), ("error", job, exception).
+of a batch stops, ("stepped", job, None) after a slice, ("done", job, generations), ("delta", job, text),
+("end", job, None), ("error", job, exception).
 Requests travel without their `cancel` event and `answered` hook (neither crosses processes): the server watches
 each request's event while it waits and sends a cancel, and the child sets an event of its own, which the
 Engine's stopping criteria read at every step; a "row" message calls the request's hook in the server.
@@ -77,26 +79,29 @@ class ModelProcess:
                  progress: bool = False) -> list[Generation]:
         """As `Engine.complete`, generated in the model process; a request whose `cancel` is set is stopped there."""
         job, replies = self._open("complete", [_portable(r) for r in requests])
+        try:
+            return self._reply(job, replies, requests, set())[1]
+        finally:
+            self._close(job)
+
+    def complete_steps(self, requests: list[Request], batch_size: int | None = None):
+        """As `Engine.complete_steps`: each step is one slice run in the model process, which keeps the work
+        done so far (encoded prompts, image features) until the next step, or until this generator is closed."""
+        job, replies = self._open("steps", [_portable(r) for r in requests])
         cancelled: set[int] = set()
+        done = False
         try:
             while True:
-                try:
-                    kind, payload = replies.get(timeout=WATCH_S)
-                except queue.Empty:
-                    for index, r in enumerate(requests):
-                        if index not in cancelled and r.cancel is not None and r.cancel.is_set():
-                            cancelled.add(index)
-                            self._send(("cancel", job, index))
-                    continue
-                if kind == "row":
-                    index, answer = payload
-                    if requests[index].answered is not None:
-                        requests[index].answered(answer)
-                    continue
-                if kind == "error":
-                    raise payload
-                return payload
+                kind, payload = self._reply(job, replies, requests, cancelled)
+                if kind != "stepped":
+                    done = True
+                    return payload
+                yield
+                self._cancels(job, requests, cancelled)  # those of clients gone meanwhile: before the next slice
+                self._send(("step", job, None))
         finally:
+            if not done:
+                self._send(("drop", job, None))  # closed half way: the child lets the work go
             self._close(job)
 
     def stream(self, request: Request) -> Iterator[str]:
@@ -158,6 +163,31 @@ class ModelProcess:
             self._jobs[job] = replies
         return job, replies
 
+    def _reply(self, job: int, replies: queue.Queue, requests: list[Request], cancelled: set[int]) -> tuple:
+        """The job's next reply other than a row ("done", "stepped"; an "error" is raised): meanwhile each row
+        that stops goes to its request's `answered` hook, and each request whose `cancel` is set is cancelled in
+        the child (`cancelled`: those told already)."""
+        while True:
+            try:
+                kind, payload = replies.get(timeout=WATCH_S)
+            except queue.Empty:
+                self._cancels(job, requests, cancelled)
+                continue
+            if kind == "row":
+                index, answer = payload
+                if requests[index].answered is not None:
+                    requests[index].answered(answer)
+                continue
+            if kind == "error":
+                raise payload
+            return kind, payload
+
+    def _cancels(self, job: int, requests: list[Request], cancelled: set[int]) -> None:
+        for index, r in enumerate(requests):
+            if index not in cancelled and r.cancel is not None and r.cancel.is_set():
+                cancelled.add(index)
+                self._send(("cancel", job, index))
+
     def _send(self, message: tuple) -> None:
         with self._lock:
             if not self._gone:
@@ -197,7 +227,7 @@ def _portable(request: Request) -> Request:
 
 def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_size) -> None:
     """The child: load the Engine, say so, then run the jobs in arrival order (the API's Batcher sends one at a
-    time) while a reader thread takes the cancels as they come."""
+    time; a sliced job waits here between its steps) while a reader thread takes the cancels as they come."""
     from tqdm import tqdm
 
     # tqdm's default lock (for the loading bars) is a multiprocessing semaphore, which the os._exit below would
@@ -233,19 +263,33 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
                     if payload is None or payload == index:
                         event.set()
                 continue
-            # the events exist before the job runs: a cancel that comes before it starts still counts
-            events[job] = [threading.Event() for _ in (payload if kind == "complete" else [payload])]
+            if kind in ("complete", "steps", "stream"):
+                # the events exist before the job runs: a cancel that comes before it starts still counts
+                events[job] = [threading.Event() for _ in (payload if kind != "stream" else [payload])]
             jobs.put((kind, job, payload))
 
     threading.Thread(target=read, daemon=True).start()
+    stepping: dict = {}  # job -> the Engine.complete_steps generator of a sliced job between two of its steps
     while (message := jobs.get()) is not None:
         kind, job, payload = message
-        cancel = events[job]
+        cancel = events.get(job, ())
         try:
             if kind == "complete":
-                answers = engine.complete([dataclasses.replace(r, cancel=c, answered=_row_sender(send, job, i))
-                                           for i, (r, c) in enumerate(zip(payload, cancel))])
+                answers = engine.complete(_answering(payload, cancel, send, job))
                 send(("done", job, answers))
+            elif kind in ("steps", "step"):
+                if kind == "steps":
+                    stepping[job] = engine.complete_steps(_answering(payload, cancel, send, job))
+                try:
+                    next(stepping[job])
+                    send(("stepped", job, None))
+                except StopIteration as done:
+                    del stepping[job]
+                    send(("done", job, done.value))
+            elif kind == "drop":
+                steps = stepping.pop(job, None)
+                if steps is not None:
+                    steps.close()
             else:
                 deltas = engine.stream(dataclasses.replace(payload, cancel=cancel[0]))
                 try:
@@ -257,15 +301,23 @@ def _model_main(conn, model_dir, adapter, dtype, quantization, device, batch_siz
                     deltas.close()  # the engine stops generating when its iterator is closed
                 send(("end", job, None))
         except Exception as err:  # noqa: BLE001 - the server answers it (400 for a RadscribeError, else 500)
+            stepping.pop(job, None)
             send(("error", job, _sendable(err)))
         finally:
-            events.pop(job, None)
-            message = payload = None  # the images go with the job
+            if job not in stepping:
+                events.pop(job, None)
+            message = payload = cancel = None  # the images go with the job
     # Told to exit (or the server has gone): skip the interpreter's teardown of torch and transformers, which
     # nothing here needs and which took 0.9 s of every stop on an idle 2-core machine (more on a loaded one).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _answering(requests: list[Request], cancel: list[threading.Event], send, job: int) -> list[Request]:
+    """The job's requests with the child's cancel events, each row's answer sent to the server as it stops."""
+    return [dataclasses.replace(r, cancel=c, answered=_row_sender(send, job, i))
+            for i, (r, c) in enumerate(zip(requests, cancel))]
 
 
 def _row_sender(send, job: int, index: int):

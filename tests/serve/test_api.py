@@ -386,3 +386,51 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours():
         assert replies[5].json()["choices"][0]["message"]["content"] == "report no-image for fine 5"
         health = httpx.get(f"{url}/health").json()
         assert health["generate_calls"] >= 1 and health["mean_batch"] >= 1
+
+
+class SlicedEngine(ScriptedEngine):
+    """Generates long prompts in three slices (the first waits for `go`), logging every slice and whole call."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[str] = []
+        self.in_first_slice = threading.Event()
+        self.go = threading.Event()
+
+    def complete_steps(self, requests):
+        name = requests[0].messages[0]["content"][0]["text"]
+        for index in range(3):
+            self.log.append(f"{name} slice {index}")
+            if index == 0 and not self.in_first_slice.is_set():
+                self.in_first_slice.set()
+                self.go.wait(10)
+            yield
+        self.log.append(f"{name} generated")
+        return ScriptedEngine.complete(self, requests)
+
+    def complete(self, requests):
+        self.log.append("whole " + ",".join(r.messages[0]["content"][0]["text"] for r in requests))
+        return super().complete(requests)
+
+
+def test_short_requests_run_between_the_slices_of_a_long_one():
+    from radscribe.serve.api import SLICED_TOKENS, Batcher
+    from radscribe.serve.engine import Request
+
+    def ask(text):
+        return Request(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}], max_new_tokens=4)
+
+    engine = SlicedEngine()
+    batcher = Batcher(engine, max_batch=8, wait_ms=1)
+    try:
+        long_a = batcher.submit(ask("A"), tokens=SLICED_TOKENS)
+        assert engine.in_first_slice.wait(10)
+        long_b = batcher.submit(ask("B"), tokens=4 * SLICED_TOKENS)  # long too: waits for A, never between
+        short = batcher.submit(ask("c"), tokens=SLICED_TOKENS - 1)
+        engine.go.set()
+        answers = [job.future.result(10).text for job in (long_a, long_b, short)]
+    finally:
+        batcher.close()
+    assert engine.log == ["A slice 0", "whole c", "A slice 1", "A slice 2", "A generated",
+                          "B slice 0", "B slice 1", "B slice 2", "B generated"]
+    assert answers == ["report no-image for A", "report no-image for B", "report no-image for c"]

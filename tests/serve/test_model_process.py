@@ -1,6 +1,7 @@
 """radscribe serve's model in a process of its own (radscribe/serve/model_process.py): the same answers as the
 Engine in this process, streams, cancellation across the pipe, errors, and a clean exit."""
 
+import dataclasses
 import threading
 import time
 
@@ -97,3 +98,42 @@ def test_close_ends_the_model_process(tiny_model_dir):
         while time.monotonic() < deadline:  # the reader notices the end of the pipe
             remote.complete([ask("q")])
             time.sleep(0.1)
+
+
+def test_sliced_answers_are_the_engines_and_a_slice_at_a_time(pair):
+    local, remote = pair
+    two = Request(messages=[{"role": "user", "content": [{"type": "image", "image": scan(5)},
+                                                         {"type": "image", "image": scan(6)},
+                                                         {"type": "text", "text": "Compare."}]}], max_new_tokens=12)
+    requests = [two, ask("Describe the lesion.", 1)]
+    steps, yields = remote.complete_steps(requests), 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            there = done.value
+            break
+        yields += 1
+    assert there == local.complete(requests)
+    assert yields == 1  # three 96x96 scans are one run of images: one slice, then the generation
+
+
+def test_a_sliced_job_given_up_half_way_leaves_the_process_serving(pair):
+    local, remote = pair
+    steps = remote.complete_steps([ask("Describe the lesion.", 3)])
+    next(steps)  # the child holds the encoded images now
+    steps.close()  # dropped there
+    request = ask("Describe the lesion.", 4)
+    assert remote.complete([request]) == local.complete([request])
+
+
+def test_a_request_cancelled_between_slices_is_not_generated_there(pair):
+    _, remote = pair
+    request = dataclasses.replace(ask("Describe the lesion.", 7), cancel=threading.Event())
+    steps = remote.complete_steps([request])
+    next(steps)  # its image is encoded in the child
+    request.cancel.set()  # the client goes while other work runs between the slices
+    with pytest.raises(StopIteration) as done:
+        next(steps)
+    answer = done.value.value[0]
+    assert (answer.text, answer.completion_tokens, answer.finish_reason) == ("", 0, "cancelled")
