@@ -290,19 +290,22 @@ def _drained(steps) -> tuple[int, list]:
         yields += 1
 
 
-def _several_images(engine, monkeypatch):
-    # Four images of three sizes over three requests (one with two), and a slice budget that cuts them into runs
-    # of one or two images: [64x64 + 96x96], [128x128], [64x64].
+def _several_images(engine, monkeypatch, sizes=(64, 96, 128)):
+    # Four images of three sizes (small, mid, large) over three requests (one with two), and a slice budget that
+    # cuts them into runs of one or two images: [small + mid], [large], [small].
     import radscribe.serve.engine as engine_module
 
-    per_image = {s: engine.processor.image_processor.get_number_of_image_patches(s, s, {}) for s in (64, 96, 128)}
-    monkeypatch.setattr(engine_module, "VISION_SLICE_PATCHES", per_image[64] + per_image[96])
-    assert per_image[128] > per_image[96]  # so 128x128 + 64x64 is over the budget: 128x128 runs alone
-    two = Request(messages=[{"role": "user", "content": [{"type": "image", "image": _image(7, 64)},
-                                                         {"type": "image", "image": _image(8, 96)},
-                                                         {"type": "text", "text": "比较两张图像。"}]}],
-                  max_new_tokens=8)
-    return [two, *[_requests(max_new_tokens=8)[i] for i in (3, 0)], _user("no image at all")]
+    small, mid, large = sizes
+    per_image = {s: engine.processor.image_processor.get_number_of_image_patches(s, s, {}) for s in sizes}
+    monkeypatch.setattr(engine_module, "VISION_SLICE_PATCHES", per_image[small] + per_image[mid])
+    assert per_image[large] > per_image[mid]  # so large + small is over the budget: the large image runs alone
+
+    def ask(text, *images):
+        return Request(messages=[{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                                              {"type": "text", "text": text}]}], max_new_tokens=8)
+
+    return [ask("比较两张图像。", _image(7, small), _image(8, mid)), ask("报告", _image(3, large)),
+            ask("图片中的诊断结果是怎样?", _image(0, small)), _user("no image at all")]
 
 
 def test_sliced_completion_equals_the_whole_one(engine, monkeypatch):
@@ -347,3 +350,20 @@ def test_a_batch_cancelled_between_slices_is_not_generated(engine, monkeypatch):
     _, answers = _drained(steps)
     assert [(a.text, a.completion_tokens, a.finish_reason) for a in answers] == [("", 0, "cancelled")] * 2
     assert heard == answers  # each request's hook heard its answer
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"])
+def test_sliced_completion_equals_the_whole_one_on_the_published_layout(real_model_dir, arch, monkeypatch):
+    # The published processor (it upscales small images to 65,536 pixels) and the real vocabulary; Qwen2.5-VL's
+    # vision tower returns no deepstack features, Qwen3-VL's does.
+    engine = Engine.from_pretrained(real_model_dir(arch), dtype="fp32", device="cpu")
+    # 288, 352 and 416 pixels a side: above the published minimum, so each keeps its own size
+    requests = _several_images(engine, monkeypatch, sizes=(288, 352, 416))
+    requests = [dataclasses.replace(r, max_new_tokens=4, temperature=0.0) for r in requests]  # the folder samples
+    yields, sliced = _drained(engine.complete_steps(requests))
+    assert sliced == engine.complete(requests)
+    assert yields == 3
+    full = engine._encode(requests)
+    text_only = engine._encode(requests, None, full["image_grid_thw"])
+    for key in ("input_ids", "attention_mask", "image_grid_thw"):
+        assert torch.equal(text_only[key], full[key]), key
